@@ -1,0 +1,1 @@
+"""HTTP layer: OpenAI wire shapes, handlers, SSE, error rendering."""

@@ -1,0 +1,62 @@
+"""The FastAPI application: routers, error rendering, and the model manager's lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager, suppress
+
+from fastapi import Depends, FastAPI
+
+from server import __version__
+from server.api import auth, chat, completions, errors, health, models
+from server.manager import EngineFactory, ModelManager
+from server.registry import Registry
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: ServerSettings, registry: Registry, engine_factory: EngineFactory | None = None
+) -> FastAPI:
+    if engine_factory is None:
+        from server.engine.llama import LlamaEngine
+
+        engine_factory = LlamaEngine
+    manager = ModelManager(registry, settings, engine_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Load in the background so /health can answer 503 "loading" meanwhile.
+        preload = [manager.default_model] + [
+            m.name
+            for m in registry.models.values()
+            if m.preload and m.name != manager.default_model
+        ]
+        task = asyncio.create_task(_preload(manager, preload))
+        yield
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        await manager.close()
+
+    app = FastAPI(title="codeserve", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.manager = manager
+    errors.install(app)
+    v1 = [Depends(auth.require_api_key)]
+    app.include_router(completions.router, dependencies=v1)
+    app.include_router(chat.router, dependencies=v1)
+    app.include_router(models.router, dependencies=v1)
+    app.include_router(health.router)
+    return app
+
+
+async def _preload(manager: ModelManager, names: list[str]) -> None:
+    for name in names:
+        try:
+            await manager.get(name)
+            log.info("model %s ready", name)
+        except Exception as e:  # recorded in manager.load_errors, reported by /health
+            log.error("could not load model %s: %s", name, e)

@@ -1,0 +1,126 @@
+"""POST /v1/chat/completions: the GGUF's own chat template renders the prompt."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from server.api import generation as g
+from server.api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    TopLogprob,
+    new_id,
+    now,
+)
+from server.engine.base import Delta, Engine, Event, GenerationRequest, TokenLogprob
+from server.engine.chat import render_chat
+
+router = APIRouter()
+
+
+def render_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    text, has_bos = render_chat(engine.info, messages)
+    return engine.tokenize(text, add_bos=not has_bos)
+
+
+def _chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=list(e.token.encode()),
+                top_logprobs=[
+                    TopLogprob(token=t, logprob=lp, bytes=list(t.encode()))
+                    for t, lp in e.top.items()
+                ],
+            )
+            for e in entries
+        ]
+    )
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    worker = await request.app.state.manager.get(body.model)
+    prompt = render_prompt(worker.engine, body)
+    wanted = body.max_completion_tokens or body.max_tokens
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    greq = GenerationRequest(
+        prompt=prompt,
+        max_tokens=g.completion_budget(worker.engine.info.n_ctx, len(prompt), wanted),
+        sampling=g.sampling_params(body),
+        stop=tuple(body.stop),
+        n=body.n,
+        logprobs=top,
+    )
+    cid, created, model = new_id("chatcmpl"), now(), worker.name
+    try:
+        events = await g.start(worker, greq, request, "chat")
+        if body.stream:
+            return g.sse(_chunks(events, cid, created, model, body))
+        choices = await g.collect(events, request, body.n)
+    except g.ClientGone:
+        return None
+    return ChatCompletionResponse(
+        id=cid,
+        created=created,
+        model=model,
+        choices=[
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=c.text),
+                logprobs=_chat_logprobs(c.logprobs) if top is not None else None,
+                finish_reason=g.finish_reason(c.finish),
+            )
+            for i, c in enumerate(choices)
+        ],
+        usage=g.usage([c.finish for c in choices if c.finish is not None]),
+    )
+
+
+async def _chunks(
+    events: AsyncIterator[Event], cid: str, created: int, model: str, body: ChatCompletionRequest
+) -> AsyncIterator[dict]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(index: int, delta: dict, logprobs=None, finish=None) -> dict:
+        return {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            ],
+            **({"usage": None} if include_usage else {}),
+        }
+
+    started: set[int] = set()
+    finished = []
+    async for ev in events:
+        if ev.index not in started:  # OpenAI opens every choice with the role
+            started.add(ev.index)
+            yield chunk(ev.index, {"role": "assistant", "content": ""})
+        if isinstance(ev, Delta):
+            lp = _chat_logprobs(list(ev.logprobs)).model_dump() if body.logprobs else None
+            yield chunk(ev.index, {"content": ev.text}, lp)
+        else:
+            finished.append(ev)
+            yield chunk(ev.index, {}, None, g.finish_reason(ev))
+    if include_usage:
+        yield {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": g.usage(finished).model_dump(),
+        }

@@ -1,0 +1,132 @@
+"""POST /v1/completions: text completion, streamed or not."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from server.api import generation as g
+from server.api.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    new_id,
+    now,
+)
+from server.engine.base import Delta, Event, GenerationRequest, TokenLogprob
+from server.errors import InvalidRequest, Unsupported
+
+router = APIRouter()
+
+
+def _logprobs(entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[e.top for e in entries],
+        text_offset=[e.text_offset + offset for e in entries],
+    )
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(body: CompletionRequest, request: Request):
+    manager = request.app.state.manager
+    worker = await manager.get(body.model)
+    engine = worker.engine
+    if body.suffix is not None:
+        raise Unsupported("`suffix` (fill-in-the-middle) is not supported yet", param="suffix")
+    if body.echo and body.logprobs is not None:
+        raise Unsupported(
+            "`echo` together with `logprobs` (prompt logprobs) is not supported", param="echo"
+        )
+    if isinstance(body.prompt, str):
+        prompt = engine.tokenize(body.prompt, add_bos=True)
+        prompt_text = body.prompt
+    else:
+        if any(t < 0 or t >= engine.info.n_vocab for t in body.prompt):
+            raise InvalidRequest(
+                f"prompt token ids must be in [0, {engine.info.n_vocab})", param="prompt"
+            )
+        prompt, prompt_text = list(body.prompt), engine.detokenize(list(body.prompt))
+    if not prompt:
+        raise InvalidRequest("prompt is empty", param="prompt")
+    greq = GenerationRequest(
+        prompt=prompt,
+        max_tokens=g.completion_budget(engine.info.n_ctx, len(prompt), body.max_tokens),
+        sampling=g.sampling_params(body),
+        stop=tuple(body.stop),
+        n=body.n,
+        logprobs=body.logprobs,
+    )
+    cid, created, model = new_id("cmpl"), now(), worker.name
+    echo = prompt_text if body.echo else ""
+    try:
+        events = await g.start(worker, greq, request, "completions")
+        if body.stream:
+            return g.sse(_chunks(events, cid, created, model, echo, body))
+        choices = await g.collect(events, request, body.n)
+    except g.ClientGone:
+        return None
+    finished = [c.finish for c in choices if c.finish is not None]
+    return CompletionResponse(
+        id=cid,
+        created=created,
+        model=model,
+        choices=[
+            CompletionChoice(
+                index=i,
+                text=echo + c.text,
+                logprobs=_logprobs(c.logprobs, len(echo)) if body.logprobs is not None else None,
+                finish_reason=g.finish_reason(c.finish),
+            )
+            for i, c in enumerate(choices)
+        ],
+        usage=g.usage(finished),
+    )
+
+
+async def _chunks(
+    events: AsyncIterator[Event], cid: str, created: int, model: str, echo: str, body
+) -> AsyncIterator[dict]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(index: int, text: str, logprobs=None, finish=None) -> dict:
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            ],
+            **({"usage": None} if include_usage else {}),
+        }
+
+    echoed: set[int] = set()
+    finished = []
+    async for ev in events:
+        head = ""
+        if echo and ev.index not in echoed:
+            echoed.add(ev.index)
+            head = echo
+        if isinstance(ev, Delta):
+            lp = None
+            if body.logprobs is not None:
+                lp = _logprobs(list(ev.logprobs), len(echo)).model_dump()
+            yield chunk(ev.index, head + ev.text, lp)
+        else:
+            finished.append(ev)
+            if head:
+                yield chunk(ev.index, head)
+            yield chunk(ev.index, "", None, g.finish_reason(ev))
+    if include_usage:
+        yield {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": g.usage(finished).model_dump(),
+        }

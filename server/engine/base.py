@@ -1,0 +1,98 @@
+"""The engine seam: what the scheduler asks of a model, whatever drives it.
+
+An engine receives a ``GenerationRequest`` (prompt token ids, sampling, stop strings, n) and yields
+``Delta`` events (released text with its tokens) and one ``Finished`` event per choice. Text is
+released only once it cannot be the start of a stop string, so deltas concatenate to the final
+text exactly. Engines run on one worker thread; ``cancelled`` is polled between tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: int | None = None  # top-N alternatives per token; None: no logprobs at all
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: dict[str, float]
+    text_offset: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timings:
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV was reused instead of evaluated
+    completion_tokens: int
+    prompt_ms: float  # request start → first token sampled (TTFT on the engine)
+    decode_ms: float  # first token → last token
+
+
+@dataclass(frozen=True)
+class Finished:
+    index: int
+    reason: FinishReason
+    timings: Timings
+
+
+Event = Delta | Finished
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    n_ctx: int
+    n_vocab: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    size_bytes: int
+
+
+class Engine(Protocol):
+    info: ModelInfo
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        """Token ids for text; special-token markers in the text are parsed as special tokens."""
+        ...
+
+    def detokenize(self, tokens: list[int]) -> str: ...
+
+    def generate(self, req: GenerationRequest, cancelled: Callable[[], bool]) -> Iterator[Event]:
+        """Generate ``req.n`` choices; every choice ends with exactly one ``Finished``."""
+        ...
+
+    def close(self) -> None: ...

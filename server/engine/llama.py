@@ -1,0 +1,214 @@
+"""The simple engine: one ``llama_cpp.Llama`` context, one sequence at a time.
+
+It reuses the KV cache of the longest common prefix with the previous request (``Llama.generate``
+does the matching), asks llama.cpp for the last row of logits only, and reads that row itself when
+logprobs are requested instead of turning on ``logits_all`` (n_ctx × vocab floats).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from server.engine.base import (
+    Delta,
+    Event,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    ModelInfo,
+    Timings,
+    TokenLogprob,
+)
+from server.engine.text import TextReleaser
+from server.errors import ModelUnavailable
+from server.registry import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class LlamaEngine:
+    def __init__(self, path: Path, cfg: ModelConfig):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        kv_type = {
+            "f16": llama_cpp.GGML_TYPE_F16,
+            "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+            "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+        }[cfg.kv_cache]
+        threads = cfg.n_threads or _available_cores()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=cfg.n_ctx,
+                n_batch=cfg.n_batch,
+                n_ubatch=cfg.n_batch,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=cfg.n_gpu_layers,
+                type_k=kv_type,
+                type_v=kv_type,
+                flash_attn=cfg.flash_attn,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise ModelUnavailable(
+                f"model {cfg.name!r}: llama.cpp could not load {path}: {e}"
+            ) from e
+        model = self.llm._model
+        self._vocab = model.vocab
+        self._n_vocab = self.llm.n_vocab()
+        bos, eos = self.llm.token_bos(), self.llm.token_eos()
+        self.info = ModelInfo(
+            n_ctx=self.llm.n_ctx(),
+            n_vocab=self._n_vocab,
+            chat_template=cfg.chat_template or self.llm.metadata.get("tokenizer.chat_template"),
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            size_bytes=path.stat().st_size,
+        )
+        self._add_bos = model.add_bos_token()
+        self.piece = lru_cache(maxsize=None)(self._piece)
+        log.info(
+            "loaded %s: n_ctx=%d vocab=%d threads=%d kv=%s flash_attn=%s gpu_layers=%d",
+            cfg.name,
+            self.info.n_ctx,
+            self._n_vocab,
+            threads,
+            cfg.kv_cache,
+            cfg.flash_attn,
+            cfg.n_gpu_layers,
+        )
+
+    # -- vocabulary --------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=add_bos and self._add_bos, special=True)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def _piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def _is_end_of_generation(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    # -- generation --------------------------------------------------------------------------
+
+    def generate(self, req: GenerationRequest, cancelled: Callable[[], bool]) -> Iterator[Event]:
+        base_seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(31)
+        for index in range(req.n):
+            if cancelled():
+                return
+            yield from self._one(index, req, (base_seed + index) & 0x7FFFFFFF, cancelled)
+
+    def _one(
+        self, index: int, req: GenerationRequest, seed: int, cancelled: Callable[[], bool]
+    ) -> Iterator[Event]:
+        t0 = time.perf_counter()
+        cached = _common_prefix(self.llm.input_ids[: self.llm.n_tokens], req.prompt)
+        releaser = TextReleaser(req.stop)
+        completion = 0
+        reason: FinishReason = "length"
+        t_first = t0
+        s = req.sampling
+        self.llm.set_seed(seed)
+        gen = self.llm.generate(
+            req.prompt,
+            temp=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            repeat_penalty=s.repeat_penalty,
+            frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty,
+            reset=True,
+        )
+        try:
+            for token in gen if req.max_tokens > 0 else ():
+                if completion == 0:
+                    t_first = time.perf_counter()
+                if self._is_end_of_generation(token):
+                    reason = "stop"
+                    break
+                completion += 1
+                lp = self._logprob(token, req.logprobs) if req.logprobs is not None else None
+                out = releaser.push(token, self.piece(token), lp)
+                if out:
+                    yield Delta(index, out.text, tuple(out.token_ids), tuple(out.logprobs))
+                if releaser.stopped:
+                    reason = "stop"
+                    break
+                if completion >= req.max_tokens:
+                    break
+                if cancelled():
+                    reason = "cancelled"
+                    break
+        finally:
+            gen.close()
+        tail = releaser.finish()
+        if tail:
+            yield Delta(index, tail.text, tuple(tail.token_ids), tuple(tail.logprobs))
+        t_end = time.perf_counter()
+        yield Finished(
+            index,
+            reason,
+            Timings(
+                prompt_tokens=len(req.prompt),
+                cached_tokens=cached,
+                completion_tokens=completion,
+                prompt_ms=(t_first - t0) * 1e3,
+                decode_ms=(t_end - t_first) * 1e3,
+            ),
+        )
+
+    def _logprob(self, token: int, top_n: int) -> TokenLogprob:
+        # The row of the decode step that produced `token` is still in the context: Llama.generate
+        # evaluates the token only after the consumer asks for the next one.
+        row = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self._n_vocab,))
+        m = float(row.max())
+        logz = m + float(np.log(np.exp(row - m).sum()))
+        top: dict[str, float] = {}
+        if top_n > 0:
+            for t in np.argpartition(-row, top_n)[:top_n]:
+                top[self.detokenize([int(t)])] = float(row[t]) - logz
+        return TokenLogprob(
+            token=self.detokenize([token]),
+            logprob=float(row[token]) - logz,
+            top=dict(sorted(top.items(), key=lambda kv: -kv[1])),
+            text_offset=0,
+        )
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _common_prefix(a, b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

