@@ -8,6 +8,8 @@
 # VENV    virtualenv to create or update (created with $PYTHON, default python3)
 # EXTRAS  pip extras of codeserve to install, e.g. "dev" (default: none)
 #
+# CODESERVE_EDITABLE=0 installs a regular (non-editable) copy, as the container image does.
+#
 # llama-cpp-python ships as an sdist only, so its C++ core is compiled here (9-12 min on 2 cores).
 # The wheel is cached under $CODESERVE_WHEEL_CACHE keyed by version *and* CMAKE_ARGS: pip's own
 # wheel cache ignores CMAKE_ARGS and would hand a CPU wheel to someone who asked for CUDA.
@@ -55,4 +57,8 @@ echo ">> installing codeserve into $venv"
 spec="$here"
 [ -n "$extras" ] && spec="$here[$extras]"
 "${pip[@]}" install --quiet --find-links "$wheel_dir" "$wheel_dir"/llama_cpp_python-*.whl
-"${pip[@]}" install --quiet --find-links "$wheel_dir" -e "$spec"
+if [ "${CODESERVE_EDITABLE:-1}" = 0 ]; then
+  "${pip[@]}" install --quiet --find-links "$wheel_dir" "$spec"
+else
+  "${pip[@]}" install --quiet --find-links "$wheel_dir" -e "$spec"
+fi

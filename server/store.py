@@ -11,11 +11,13 @@ import hashlib
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from server.errors import ModelUnavailable
 from server.registry import HuggingFaceSource, LocalSource, ModelConfig, PyPISource, Registry
@@ -80,6 +82,7 @@ class ModelStore:
         if cached is not None:
             return cached
         log.info("downloading %s/%s from Hugging Face", src.hf, src.file)
+        _require_reachable(name, src)
         try:
             path = Path(hf_hub_download(src.hf, src.file, revision=src.revision))
         except Exception as e:  # huggingface-hub raises a zoo of network/offline errors
@@ -126,6 +129,24 @@ class ModelStore:
             os.replace(partial, target)
         log.info("model %s unpacked to %s", name, target)
         return target
+
+
+def _require_reachable(name: str, src: HuggingFaceSource) -> None:
+    """Fail in seconds when the hub cannot be reached: huggingface-hub itself retries for ~30 s."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return  # offline: huggingface-hub fails at once; behind a proxy a direct probe would lie
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=5).close()
+    except OSError as e:
+        raise ModelUnavailable(
+            f"model {name!r}: cannot reach {url.hostname} to download {src.hf}/{src.file} ({e}). "
+            "Without network access, copy the file somewhere and use a `path` source in "
+            "models.toml, or pull it once while online."
+        ) from None
 
 
 def _pip_download(name: str, requirement: str, dest: Path) -> Path:

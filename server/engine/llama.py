@@ -128,12 +128,17 @@ class LlamaEngine:
         self, index: int, req: GenerationRequest, seed: int, cancelled: Callable[[], bool]
     ) -> Iterator[Event]:
         t0 = time.perf_counter()
+        s = req.sampling
+        if s.seed is not None and s.temperature > 0:
+            # llama.cpp's logits depend on how the prompt was split into batches (measured: up to
+            # 0.75 apart on SmolLM2 when the last token is evaluated alone), so a reused prefix can
+            # change what a seed samples. A seeded request promises reproducible text: go cold.
+            self.llm.reset()
         cached = _common_prefix(self.llm.input_ids[: self.llm.n_tokens], req.prompt)
         releaser = TextReleaser(req.stop)
         completion = 0
         reason: FinishReason = "length"
         t_first = t0
-        s = req.sampling
         self.llm.set_seed(seed)
         gen = self.llm.generate(
             req.prompt,

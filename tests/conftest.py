@@ -1,0 +1,100 @@
+"""Shared fixtures: one live codeserve (uvicorn on a free port) on the real default model.
+
+The server runs in this process on a background thread, so tests drive it over real HTTP
+(streaming and disconnects included) while ``caplog`` still sees its request log lines.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from server.api.app import create_app
+from server.registry import Registry, parse_registry
+from server.settings import ServerSettings
+from server.store import ModelStore
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_CTX_MODEL = "smollm2-135m-ctx512"
+
+
+class LiveServer:
+    def __init__(self, settings: ServerSettings, registry: Registry):
+        self.app = create_app(settings, registry)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server at {self.url} did not become healthy in {timeout}s")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The default model's GGUF (``make test`` pulls it first; pulled here if run directly)."""
+    registry = parse_registry(
+        tomllib.loads((REPO / "models.toml").read_text()), REPO / "models.toml"
+    )
+    return ModelStore(registry, ServerSettings().cache_dir).pull(registry.default)
+
+
+@pytest.fixture(scope="session")
+def registry(model_path: Path) -> Registry:
+    """The repo's models.toml plus a 512-token-context copy of the default model.
+
+    The small context makes context overflow and max_tokens clamping cheap to test, and gives a
+    second resident model.
+    """
+    raw = tomllib.loads((REPO / "models.toml").read_text())
+    raw["models"][SMALL_CTX_MODEL] = {"source": {"path": str(model_path)}, "n_ctx": 512}
+    return parse_registry(raw, REPO / "models.toml")
+
+
+def make_settings(**overrides) -> ServerSettings:
+    base = {"host": "127.0.0.1", "port": 0, "models_file": REPO / "models.toml"}
+    return ServerSettings(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def server(registry: Registry) -> Iterator[LiveServer]:
+    live = LiveServer(make_settings(), registry).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture()
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture()
+def openai_client(server: LiveServer):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0)

