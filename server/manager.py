@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from server.engine.base import Engine
+from server.engine.base import KV_BYTES_PER_ELEMENT, Engine
 from server.errors import ModelNotFound, ModelUnavailable
 from server.registry import ModelConfig, Registry
 from server.scheduler import ModelWorker
@@ -23,16 +23,15 @@ log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Path, ModelConfig], Engine]
 
-_KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-
 
 def estimate_footprint(file_bytes: int, cfg: ModelConfig) -> int:
     """Weights plus a KV-cache allowance, before the model's shape is known.
 
     Small models spend roughly as many bytes on a full f16 KV cache at 4k context as on 10-20% of
-    their Q4 weights; the allowance scales with n_ctx and the cache type.
+    their Q4 weights; the allowance scales with n_ctx and the cache type. Once loaded, the engine
+    reports the real figure and that replaces this guess.
     """
-    kv = file_bytes * 0.15 * (cfg.n_ctx / 4096) * _KV_BYTES_PER_ELEMENT[cfg.kv_cache] / 2
+    kv = file_bytes * 0.15 * (cfg.n_ctx / 4096) * KV_BYTES_PER_ELEMENT[cfg.kv_cache] / 2
     return int(file_bytes + kv)
 
 
@@ -96,7 +95,13 @@ class ModelManager:
             queue_timeout_s=self.settings.queue_timeout_s,
         )
         self._workers[cfg.name] = worker
-        self._footprints[cfg.name] = need
+        self._footprints[cfg.name] = engine.info.memory_bytes or need
+        log.info(
+            "model %s resident: %d MiB (weights + KV cache at n_ctx=%d)",
+            cfg.name,
+            self._footprints[cfg.name] >> 20,
+            engine.info.n_ctx,
+        )
         return worker
 
     async def _make_room(self, name: str, need: int) -> None:

@@ -12,13 +12,20 @@ from server.engine.base import Delta, Finished, GenerationRequest, ModelInfo, Ti
 @dataclass
 class FakeEngine:
     token_s: float = 0.01
-    info: ModelInfo = field(
-        default_factory=lambda: ModelInfo(
-            n_ctx=128, n_vocab=100, chat_template=None, bos_token="", eos_token="", size_bytes=1
-        )
-    )
+    size_bytes: int = 1
+    info: ModelInfo = field(init=False)
     served: list[list[int]] = field(default_factory=list)
     closed: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.info = ModelInfo(
+            n_ctx=128,
+            n_vocab=100,
+            chat_template=None,
+            bos_token="",
+            eos_token="",
+            size_bytes=self.size_bytes,
+        )
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return [ord(c) % 100 for c in text]

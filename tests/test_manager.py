@@ -22,7 +22,7 @@ def manager(tmp_path, budget_mb: int) -> tuple[ModelManager, dict]:
     engines: dict[str, FakeEngine] = {}
 
     def factory(path, cfg):
-        engines[cfg.name] = FakeEngine()
+        engines[cfg.name] = FakeEngine(size_bytes=path.stat().st_size)
         return engines[cfg.name]
 
     settings = ServerSettings(memory_budget_mb=budget_mb, cache_dir=tmp_path / "cache")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -116,9 +116,9 @@ async def collect(events: AsyncIterator[Event], request: Request, n: int) -> lis
     return choices
 
 
-def usage(choices_finished: list[Finished]) -> Usage:
-    prompt = choices_finished[0].timings.prompt_tokens if choices_finished else 0
-    completion = sum(f.timings.completion_tokens for f in choices_finished)
+def usage(finished: list[Finished]) -> Usage:
+    prompt = finished[0].timings.prompt_tokens if finished else 0
+    completion = sum(f.timings.completion_tokens for f in finished)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
@@ -151,6 +151,3 @@ def sse(chunks: AsyncIterator[dict]) -> EventSourceResponse:
 
 def finish_reason(f: Finished | None) -> str | None:
     return None if f is None or f.reason == "cancelled" else f.reason
-
-
-Renderer = Callable[[Event], dict | None]

@@ -14,6 +14,9 @@ from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
+# ggml block sizes: q8_0 stores 32 values in 34 bytes, q4_0 in 18.
+KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -79,7 +82,12 @@ class ModelInfo:
     chat_template: str | None
     bos_token: str
     eos_token: str
-    size_bytes: int
+    size_bytes: int  # the GGUF file
+    kv_cache_bytes: int = 0  # K and V caches at n_ctx
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.size_bytes + self.kv_cache_bytes
 
 
 class Engine(Protocol):

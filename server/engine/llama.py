@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from server.engine.base import (
+    KV_BYTES_PER_ELEMENT,
     Delta,
     Event,
     Finished,
@@ -82,6 +83,7 @@ class LlamaEngine:
             bos_token=model.token_get_text(bos) if bos != -1 else "",
             eos_token=model.token_get_text(eos) if eos != -1 else "",
             size_bytes=path.stat().st_size,
+            kv_cache_bytes=self._kv_cache_bytes(cfg.kv_cache),
         )
         self._add_bos = model.add_bos_token()
         self.piece = lru_cache(maxsize=None)(self._piece)
@@ -95,6 +97,18 @@ class LlamaEngine:
             cfg.flash_attn,
             cfg.n_gpu_layers,
         )
+
+    def _kv_cache_bytes(self, kv_cache: str) -> int:
+        lib, model, meta = self._lib, self.llm.model, self.llm.metadata
+        arch = meta.get("general.architecture", "")
+        n_head = lib.llama_model_n_head(model)
+        head_dim = lib.llama_model_n_embd(model) // max(n_head, 1)
+        k_dim = int(meta.get(f"{arch}.attention.key_length", head_dim))
+        v_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
+        per_token = (
+            lib.llama_model_n_layer(model) * lib.llama_model_n_head_kv(model) * (k_dim + v_dim)
+        )
+        return int(per_token * self.llm.n_ctx() * KV_BYTES_PER_ELEMENT[kv_cache])
 
     # -- vocabulary --------------------------------------------------------------------------
 
