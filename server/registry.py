@@ -92,6 +92,11 @@ class ModelConfig(ModelDefaults):
     draft: str | None = Field(None, description="name of a draft model for speculative decoding")
     fim: FimFamily | None = None
     chat_template: str | None = Field(None, description="Jinja template overriding the GGUF's")
+    kv_overrides: dict[str, int | float | bool | str] = Field(
+        default_factory=dict,
+        description="GGUF metadata overrides (llama.cpp --override-kv), e.g. to supply FIM token "
+        "ids a conversion left out: tokenizer.ggml.fim_pre_token_id = 123",
+    )
 
     def model_post_init(self, _context: object) -> None:
         # A quantized V cache is only implemented in llama.cpp's flash-attention kernels.

@@ -7,6 +7,10 @@ The server runs in this process on a background thread, so tests drive it over r
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
 import threading
 import time
 import tomllib
@@ -24,6 +28,15 @@ from server.store import ModelStore
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_CTX_MODEL = "smollm2-135m-ctx512"
+FIM_MODEL = "smollm2-135m-fim"
+# SmolLM2 has no FIM tokens. Its unused control tokens <issue_start>, <issue_comment> and
+# <issue_closed> (ids 8, 9, 10) are declared as FIM prefix/suffix/middle through GGUF metadata
+# overrides, so the whole FIM path runs on a real model (the text it fills in is not meaningful).
+FIM_OVERRIDES = {
+    "tokenizer.ggml.fim_pre_token_id": 8,
+    "tokenizer.ggml.fim_suf_token_id": 9,
+    "tokenizer.ggml.fim_mid_token_id": 10,
+}
 
 
 class LiveServer:
@@ -72,6 +85,11 @@ def registry(model_path: Path) -> Registry:
     """
     raw = tomllib.loads((REPO / "models.toml").read_text())
     raw["models"][SMALL_CTX_MODEL] = {"source": {"path": str(model_path)}, "n_ctx": 512}
+    raw["models"][FIM_MODEL] = {
+        "source": {"path": str(model_path)},
+        "n_ctx": 2048,
+        "kv_overrides": FIM_OVERRIDES,
+    }
     return parse_registry(raw, REPO / "models.toml")
 
 
@@ -98,3 +116,41 @@ def openai_client(server: LiveServer):
     import openai
 
     return openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def vocab_dir() -> Path:
+    """llama.cpp's vocab-only GGUFs (starcoder, deepseek-coder, ...) from the llama-cpp-python
+    sdist on PyPI, fetched once into the cache."""
+    import llama_cpp
+
+    version = llama_cpp.__version__
+    target = ServerSettings().cache_dir.parent / "vocab" / f"llama-cpp-python-{version}"
+    if not (target / "ggml-vocab-starcoder.gguf").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    "--disable-pip-version-check",
+                    "-d",
+                    tmp,
+                    f"llama-cpp-python=={version}",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            sdist = next(Path(tmp).glob("*.tar.gz"))
+            with tarfile.open(sdist) as tf:
+                for member in tf.getmembers():
+                    name = Path(member.name).name
+                    if "/vendor/llama.cpp/models/" in member.name and name.endswith(".gguf"):
+                        member.name = name
+                        tf.extract(member, target, filter="data")
+    return target

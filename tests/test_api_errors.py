@@ -85,7 +85,7 @@ def test_out_of_range_token_ids(client):
     )
 
 
-def test_suffix_is_refused_until_fim_exists(client):
+def test_suffix_on_a_model_without_fim_tokens(client):
     assert_error(
         client.post("/v1/completions", json={"prompt": "a", "suffix": "b"}), 400, param="suffix"
     )

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager, suppress
 from fastapi import Depends, FastAPI
 
 from server import __version__
-from server.api import auth, chat, completions, errors, health, models
+from server.api import auth, chat, completions, errors, fim, health, models
 from server.manager import EngineFactory, ModelManager
 from server.registry import Registry
 from server.settings import ServerSettings
@@ -48,6 +48,7 @@ def create_app(
     v1 = [Depends(auth.require_api_key)]
     app.include_router(completions.router, dependencies=v1)
     app.include_router(chat.router, dependencies=v1)
+    app.include_router(fim.router, dependencies=v1)
     app.include_router(models.router, dependencies=v1)
     app.include_router(health.router)
     return app

@@ -60,13 +60,19 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         stop=tuple(body.stop),
         n=body.n,
         logprobs=top,
+        time_budget_s=g.time_budget(body),
     )
+    return await respond(worker, greq, request, body, label="chat")
+
+
+async def respond(worker, greq: GenerationRequest, request: Request, body, *, label: str):
+    """Answer in chat-completion shape (also what Mistral's /v1/fim/completions returns)."""
     cid, created, model = new_id("chatcmpl"), now(), worker.name
     try:
-        events = await g.start(worker, greq, request, "chat")
+        events = await g.start(worker, greq, request, label)
         if body.stream:
-            return g.sse(_chunks(events, cid, created, model, body))
-        choices = await g.collect(events, request, body.n)
+            return g.sse(_chunks(events, cid, created, model, body, greq.logprobs is not None))
+        choices = await g.collect(events, request, greq.n)
     except g.ClientGone:
         return None
     return ChatCompletionResponse(
@@ -77,7 +83,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             ChatChoice(
                 index=i,
                 message=AssistantMessage(content=c.text),
-                logprobs=_chat_logprobs(c.logprobs) if top is not None else None,
+                logprobs=_chat_logprobs(c.logprobs) if greq.logprobs is not None else None,
                 finish_reason=g.finish_reason(c.finish),
             )
             for i, c in enumerate(choices)
@@ -87,19 +93,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
 
 async def _chunks(
-    events: AsyncIterator[Event], cid: str, created: int, model: str, body: ChatCompletionRequest
+    events: AsyncIterator[Event], cid: str, created: int, model: str, body, logprobs: bool
 ) -> AsyncIterator[dict]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(index: int, delta: dict, logprobs=None, finish=None) -> dict:
+    def chunk(index: int, delta: dict, lp=None, finish=None) -> dict:
         return {
             "id": cid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [
-                {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            ],
+            "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}],
             **({"usage": None} if include_usage else {}),
         }
 
@@ -110,7 +114,7 @@ async def _chunks(
             started.add(ev.index)
             yield chunk(ev.index, {"role": "assistant", "content": ""})
         if isinstance(ev, Delta):
-            lp = _chat_logprobs(list(ev.logprobs)).model_dump() if body.logprobs else None
+            lp = _chat_logprobs(list(ev.logprobs)).model_dump() if logprobs else None
             yield chunk(ev.index, {"content": ev.text}, lp)
         else:
             finished.append(ev)

@@ -35,13 +35,14 @@ async def create_completion(body: CompletionRequest, request: Request):
     manager = request.app.state.manager
     worker = await manager.get(body.model)
     engine = worker.engine
-    if body.suffix is not None:
-        raise Unsupported("`suffix` (fill-in-the-middle) is not supported yet", param="suffix")
     if body.echo and body.logprobs is not None:
         raise Unsupported(
             "`echo` together with `logprobs` (prompt logprobs) is not supported", param="echo"
         )
-    if isinstance(body.prompt, str):
+    if body.suffix is not None:
+        prompt = g.fim_prompt(engine, body, body.max_tokens)
+        prompt_text = body.prompt
+    elif isinstance(body.prompt, str):
         prompt = engine.tokenize(body.prompt, add_bos=True)
         prompt_text = body.prompt
     else:
@@ -59,6 +60,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         stop=tuple(body.stop),
         n=body.n,
         logprobs=body.logprobs,
+        time_budget_s=g.time_budget(body),
     )
     cid, created, model = new_id("cmpl"), now(), worker.name
     echo = prompt_text if body.echo else ""

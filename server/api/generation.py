@@ -15,10 +15,40 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
-from server.api.protocol import Usage
-from server.engine.base import Delta, Event, Finished, SamplingParams, TokenLogprob
-from server.errors import CodeserveError, ContextOverflow
+from server.api.protocol import PromptTokensDetails, Usage
+from server.engine.base import Delta, Engine, Event, Finished, SamplingParams, TokenLogprob
+from server.engine.fim import ExtraFile, build_fim_prompt
+from server.errors import CodeserveError, ContextOverflow, InvalidRequest, Unsupported
 from server.scheduler import ModelWorker
+
+
+def fim_prompt(engine: Engine, body, max_tokens: int | None) -> list[int]:
+    """Token ids for a fill-in-the-middle request (prompt before the cursor, suffix after)."""
+    fim = engine.info.fim
+    if fim is None:
+        raise Unsupported(
+            "this model has no fill-in-the-middle tokens, so it cannot complete with `suffix`; "
+            "use a code model (e.g. qwen2.5-coder-1.5b) or send a prompt without suffix",
+            param="suffix",
+        )
+    if not isinstance(body.prompt, str):
+        raise InvalidRequest("with `suffix`, `prompt` must be a string", param="prompt")
+    n_ctx = engine.info.n_ctx
+    reserve = min(max_tokens if max_tokens is not None else n_ctx // 4, n_ctx // 2)
+    return build_fim_prompt(
+        fim,
+        lambda text: engine.tokenize(text, add_bos=False, special=False),
+        body.prompt,
+        body.suffix or "",
+        budget=n_ctx - max(reserve, 1),
+        bos=engine.info.bos_id,
+        extra=[ExtraFile(f.filename, f.text) for f in body.input_extra],
+        filename=body.filename,
+    )
+
+
+def time_budget(body) -> float | None:
+    return body.t_max_predict_ms / 1e3 if body.t_max_predict_ms else None
 
 
 def sampling_params(req) -> SamplingParams:
@@ -118,9 +148,13 @@ async def collect(events: AsyncIterator[Event], request: Request, n: int) -> lis
 
 def usage(finished: list[Finished]) -> Usage:
     prompt = finished[0].timings.prompt_tokens if finished else 0
+    cached = finished[0].timings.cached_tokens if finished else 0
     completion = sum(f.timings.completion_tokens for f in finished)
     return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
     )
 
 

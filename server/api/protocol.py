@@ -49,16 +49,29 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # llama-server's name: stop generating (finish_reason "length") after this many milliseconds.
+    t_max_predict_ms: int | None = Field(None, gt=0)
 
     _stop = field_validator("stop", mode="before")(_normalize_stop)
 
 
-class CompletionRequest(_SamplingFields):
+class ExtraFile(_Request):
+    filename: str = "untitled"
+    text: str
+
+
+class _FimFields(_Request):
+    suffix: str | None = None
+    # Repository-level context for fill-in-the-middle, in llama-server's /infill shape.
+    input_extra: list[ExtraFile] = Field(default_factory=list)
+    filename: str | None = None
+
+
+class CompletionRequest(_SamplingFields, _FimFields):
     prompt: str | list[int] | list[str] | list[list[int]] = ""
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -69,6 +82,14 @@ class CompletionRequest(_SamplingFields):
                 raise ValueError("only one prompt per request is supported; send one request each")
             return v[0]
         return v
+
+
+class FimCompletionRequest(_SamplingFields, _FimFields):
+    """Mistral's /v1/fim/completions: prompt (code before the cursor) + suffix (after it)."""
+
+    prompt: str
+    max_tokens: int | None = Field(None, ge=1)
+    random_seed: int | None = None  # Mistral's name for seed
 
 
 class ContentPart(_Request):
@@ -106,10 +127,15 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV cache was reused rather than evaluated
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

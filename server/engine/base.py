@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from server.engine.fim import FimTokens
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 # ggml block sizes: q8_0 stores 32 values in 34 bytes, q4_0 in 18.
@@ -38,6 +40,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     n: int = 1
     logprobs: int | None = None  # top-N alternatives per token; None: no logprobs at all
+    time_budget_s: float | None = None  # stop with "length" once generation has run this long
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class ModelInfo:
     eos_token: str
     size_bytes: int  # the GGUF file
     kv_cache_bytes: int = 0  # K and V caches at n_ctx
+    bos_id: int | None = None  # prepended to prompts (None: the vocabulary adds no BOS)
+    fim: FimTokens | None = None  # None: the model cannot fill in the middle
 
     @property
     def memory_bytes(self) -> int:
@@ -93,8 +98,8 @@ class ModelInfo:
 class Engine(Protocol):
     info: ModelInfo
 
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        """Token ids for text; special-token markers in the text are parsed as special tokens."""
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        """Token ids for text; with `special`, marker text like <|im_end|> becomes its token."""
         ...
 
     def detokenize(self, tokens: list[int]) -> str: ...

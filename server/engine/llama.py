@@ -29,6 +29,7 @@ from server.engine.base import (
     Timings,
     TokenLogprob,
 )
+from server.engine.fim import detect_fim
 from server.engine.text import TextReleaser
 from server.errors import ModelUnavailable
 from server.registry import ModelConfig
@@ -66,6 +67,7 @@ class LlamaEngine:
                 type_k=kv_type,
                 type_v=kv_type,
                 flash_attn=cfg.flash_attn,
+                kv_overrides=cfg.kv_overrides or None,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as e:
@@ -76,6 +78,7 @@ class LlamaEngine:
         self._vocab = model.vocab
         self._n_vocab = self.llm.n_vocab()
         bos, eos = self.llm.token_bos(), self.llm.token_eos()
+        self._add_bos = model.add_bos_token()
         self.info = ModelInfo(
             n_ctx=self.llm.n_ctx(),
             n_vocab=self._n_vocab,
@@ -84,11 +87,12 @@ class LlamaEngine:
             eos_token=model.token_get_text(eos) if eos != -1 else "",
             size_bytes=path.stat().st_size,
             kv_cache_bytes=self._kv_cache_bytes(cfg.kv_cache),
+            bos_id=bos if self._add_bos and bos != -1 else None,
+            fim=detect_fim(LlamaVocab(self.llm), cfg.fim, cfg.name),
         )
-        self._add_bos = model.add_bos_token()
         self.piece = lru_cache(maxsize=None)(self._piece)
         log.info(
-            "loaded %s: n_ctx=%d vocab=%d threads=%d kv=%s flash_attn=%s gpu_layers=%d",
+            "loaded %s: n_ctx=%d vocab=%d threads=%d kv=%s flash_attn=%s gpu_layers=%d fim=%s",
             cfg.name,
             self.info.n_ctx,
             self._n_vocab,
@@ -96,6 +100,7 @@ class LlamaEngine:
             cfg.kv_cache,
             cfg.flash_attn,
             cfg.n_gpu_layers,
+            self.info.fim.family if self.info.fim else "none",
         )
 
     def _kv_cache_bytes(self, kv_cache: str) -> int:
@@ -112,8 +117,8 @@ class LlamaEngine:
 
     # -- vocabulary --------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        return self.llm.tokenize(text.encode(), add_bos=add_bos and self._add_bos, special=True)
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=add_bos and self._add_bos, special=special)
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
@@ -182,6 +187,8 @@ class LlamaEngine:
                     break
                 if completion >= req.max_tokens:
                     break
+                if req.time_budget_s is not None and time.perf_counter() - t0 > req.time_budget_s:
+                    break  # a runaway completion must not hold the editor's model
                 if cancelled():
                     reason = "cancelled"
                     break
@@ -222,6 +229,28 @@ class LlamaEngine:
 
     def close(self) -> None:
         self.llm.close()
+
+
+class LlamaVocab:
+    """The FIM detector's view of a llama.cpp vocabulary (a full model or a vocab-only GGUF)."""
+
+    def __init__(self, llm):
+        import llama_cpp
+
+        self._llm = llm
+        self._lib = llama_cpp
+        self._vocab = llm._model.vocab
+
+    def fim_ids(self) -> tuple[int, int, int]:
+        lib, v = self._lib, self._vocab
+        return lib.llama_vocab_fim_pre(v), lib.llama_vocab_fim_suf(v), lib.llama_vocab_fim_mid(v)
+
+    def token_text(self, token: int) -> str:
+        return self._llm._model.token_get_text(token)
+
+    def find(self, text: str) -> int | None:
+        ids = self._llm.tokenize(text.encode(), add_bos=False, special=True)
+        return ids[0] if len(ids) == 1 and self.token_text(ids[0]) == text else None
 
 
 def _common_prefix(a, b: list[int]) -> int:
