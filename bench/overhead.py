@@ -15,15 +15,13 @@ import argparse
 import inspect
 import json
 import os
-import socket
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from bench.harness import codeserve, summary
 from server.engine.llama import _available_cores
 from server.registry import load_registry
 from server.settings import ServerSettings
@@ -83,38 +81,6 @@ def http_stream(url: str, model: str, prompt: str, max_tokens: int) -> tuple[flo
     return first - t0, (n - 1) / (last - first) if n > 1 else 0.0, n
 
 
-def start_server(model: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--model",
-            model,
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("codeserve did not become healthy")
-
-
-def summary(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -131,11 +97,6 @@ def main() -> None:
     cfg = registry.models[args.model or registry.default_model]
     path = ModelStore(registry, settings.cache_dir).pull(cfg)
     threads = cfg.n_threads or _available_cores()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = start_server(cfg.name, port)
-    url = f"http://127.0.0.1:{port}"
     llm = llama_cpp.Llama(
         model_path=str(path),
         n_ctx=cfg.n_ctx,
@@ -149,7 +110,7 @@ def main() -> None:
     res: dict[str, dict[str, list[float]]] = {
         side: {"decode_tok_s": [], "ttft_500_ms": []} for side in ("raw", "http")
     }
-    try:
+    with codeserve(cfg.name) as url:
         http_stream(url, cfg.name, DECODE_PROMPT, 8)  # warm-up both sides
         raw_stream(llm, DECODE_PROMPT, 8)
         for r in range(args.rounds):
@@ -169,9 +130,6 @@ def main() -> None:
                     f"ttft {ttft * 1e3:6.1f} ms",
                     file=sys.stderr,
                 )
-    finally:
-        server.terminate()
-        server.wait()
     report = {
         "model": cfg.name,
         "file": path.name,
