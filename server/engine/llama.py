@@ -29,6 +29,7 @@ from server.engine.base import (
     Timings,
     TokenLogprob,
 )
+from server.engine.devices import list_devices, report_load
 from server.engine.fim import detect_fim
 from server.engine.text import TextReleaser
 from server.errors import ModelUnavailable
@@ -55,6 +56,7 @@ class LlamaEngine:
             "q4_0": llama_cpp.GGML_TYPE_Q4_0,
         }[cfg.kv_cache]
         threads = cfg.n_threads or _available_cores()
+        devices_before = list_devices()
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path),
@@ -91,6 +93,13 @@ class LlamaEngine:
             fim=detect_fim(LlamaVocab(self.llm), cfg.fim, cfg.name),
         )
         self.piece = lru_cache(maxsize=None)(self._piece)
+        self.placement = report_load(
+            cfg.name,
+            devices_before,
+            cfg.n_gpu_layers,
+            llama_cpp.llama_model_n_layer(self.llm.model),
+            llama_cpp.llama_supports_gpu_offload(),
+        )
         log.info(
             "loaded %s: n_ctx=%d vocab=%d threads=%d kv=%s flash_attn=%s gpu_layers=%d fim=%s",
             cfg.name,

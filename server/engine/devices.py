@@ -1,0 +1,102 @@
+"""What llama.cpp runs on: ggml's backend devices (CPU, CUDA, Metal, ...) and their memory.
+
+llama-cpp-python does not bind ggml's device registry, so it is read through ctypes from the
+libggml already loaded by llama_cpp. Used for the start-up report: backend, device, layers
+offloaded, and device memory used by the load (free memory before minus after).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    description: str
+    kind: str
+    free_bytes: int
+    total_bytes: int
+
+
+def _lib(stem: str) -> ctypes.CDLL | None:
+    import llama_cpp
+
+    suffix = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    for path in (lib_dir / f"lib{stem}{suffix}", lib_dir / f"{stem}{suffix}"):
+        if path.exists():
+            return ctypes.CDLL(str(path))
+    return None
+
+
+def list_devices() -> list[Device]:
+    ggml, base = _lib("ggml"), _lib("ggml-base")
+    if ggml is None or base is None:
+        return []
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    for fn in (base.ggml_backend_dev_name, base.ggml_backend_dev_description):
+        fn.restype, fn.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    base.ggml_backend_dev_type.restype = ctypes.c_int
+    base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_dev_memory.argtypes = [
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    devices = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        devices.append(
+            Device(
+                name=base.ggml_backend_dev_name(dev).decode(),
+                description=base.ggml_backend_dev_description(dev).decode(),
+                kind=_TYPES.get(base.ggml_backend_dev_type(dev), "other"),
+                free_bytes=free.value,
+                total_bytes=total.value,
+            )
+        )
+    return devices
+
+
+def offloaded_layers(n_gpu_layers: int, n_layer: int, gpu_build: bool) -> int:
+    if not gpu_build:
+        return 0
+    return n_layer if n_gpu_layers < 0 else min(n_gpu_layers, n_layer)
+
+
+def report_load(
+    model: str, before: list[Device], n_gpu_layers: int, n_layer: int, gpu_build: bool
+) -> str:
+    after = {d.name: d for d in list_devices()}
+    accelerators = [d for d in before if d.kind != "cpu"]
+    layers = offloaded_layers(n_gpu_layers, n_layer, gpu_build)
+    if not accelerators:
+        line = (
+            f"model {model}: backend CPU, 0/{n_layer} layers offloaded (no GPU backend in "
+            "this llama.cpp build)"
+        )
+    else:
+        parts = []
+        for d in accelerators:
+            used = d.free_bytes - after.get(d.name, d).free_bytes
+            parts.append(
+                f"{d.name} ({d.description}): {used / 2**20:.0f} MiB used by this "
+                f"model, {after.get(d.name, d).free_bytes / 2**20:.0f} of "
+                f"{d.total_bytes / 2**20:.0f} MiB free"
+            )
+        line = f"model {model}: {layers}/{n_layer} layers offloaded; " + "; ".join(parts)
+    log.info(line)
+    return line

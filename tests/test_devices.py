@@ -1,0 +1,28 @@
+"""The start-up placement report: which backend, how many layers offloaded, device memory."""
+
+from __future__ import annotations
+
+from server.engine.devices import list_devices, offloaded_layers, report_load
+
+
+def test_devices_of_this_build():
+    devices = list_devices()
+    cpu = [d for d in devices if d.kind == "cpu"]
+    assert cpu and cpu[0].total_bytes > 0
+
+
+def test_offloaded_layers():
+    assert offloaded_layers(-1, 30, gpu_build=True) == 30
+    assert offloaded_layers(12, 30, gpu_build=True) == 12
+    assert offloaded_layers(99, 30, gpu_build=True) == 30
+    assert offloaded_layers(-1, 30, gpu_build=False) == 0
+
+
+def test_report_on_a_cpu_only_build():
+    import llama_cpp
+
+    line = report_load("m", list_devices(), -1, 30, llama_cpp.llama_supports_gpu_offload())
+    if not llama_cpp.llama_supports_gpu_offload():
+        assert "backend CPU" in line and "0/30 layers" in line
+    else:
+        assert "layers offloaded" in line and "MiB" in line
