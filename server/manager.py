@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 from server.engine.base import KV_BYTES_PER_ELEMENT, Engine
 from server.errors import ModelNotFound, ModelUnavailable
+from server.metrics import Metrics
 from server.registry import ModelConfig, Registry
 from server.scheduler import ModelWorker
 from server.settings import ServerSettings
@@ -41,12 +43,14 @@ class ModelManager:
         registry: Registry,
         settings: ServerSettings,
         engine_factory: EngineFactory,
+        metrics: Metrics | None = None,
     ):
         self.registry = registry
         self.settings = settings
         self.store = ModelStore(registry, settings.cache_dir)
         self.default_model = settings.model or registry.default_model
         self._engine_factory = engine_factory
+        self.metrics = metrics
         self._workers: OrderedDict[str, ModelWorker] = OrderedDict()
         self._footprints: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -83,7 +87,9 @@ class ModelManager:
             path = await asyncio.to_thread(self.store.pull, cfg)
             need = estimate_footprint(path.stat().st_size, cfg)
             await self._make_room(cfg.name, need)
+            t0 = time.perf_counter()
             engine = await asyncio.to_thread(self._engine_factory, path, cfg)
+            load_s = time.perf_counter() - t0
         except Exception as e:
             self.load_errors[cfg.name] = str(e)
             raise
@@ -93,7 +99,10 @@ class ModelManager:
             engine,
             queue_size=self.settings.queue_size,
             queue_timeout_s=self.settings.queue_timeout_s,
+            metrics=self.metrics,
         )
+        if self.metrics is not None:
+            self.metrics.load_seconds.labels(cfg.name).set(load_s)
         self._workers[cfg.name] = worker
         self._footprints[cfg.name] = engine.info.memory_bytes or need
         log.info(
@@ -123,6 +132,23 @@ class ModelManager:
                 f"of the {budget >> 20} MiB budget is free and the resident models are busy; "
                 "retry later"
             )
+
+    def state(self) -> list[dict]:
+        """Live figures per resident model, read at scrape time (see server.metrics)."""
+        rows = []
+        for name, w in list(self._workers.items()):
+            used, n_ctx = w.engine.kv_tokens(), w.engine.info.n_ctx
+            rows.append(
+                {
+                    "model": name,
+                    "processing": w.running,
+                    "deferred": w.queue_depth,
+                    "kv_tokens": used,
+                    "kv_ratio": used / n_ctx,
+                    "memory_bytes": self._footprints.get(name, 0),
+                }
+            )
+        return rows
 
     async def unload(self, name: str) -> None:
         worker = self._workers.pop(name)

@@ -9,6 +9,7 @@ the queue is skipped without touching the model, so a burst of aborted requests 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -16,8 +17,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from server.engine.base import Engine, Event, Finished, GenerationRequest
+from server.engine.base import Delta, Engine, Event, Finished, GenerationRequest
 from server.errors import Overloaded, QueueTimeout
+from server.metrics import Metrics
 
 log = logging.getLogger("codeserve.requests")
 
@@ -38,10 +40,20 @@ class Job:
 
 
 class ModelWorker:
-    def __init__(self, name: str, engine: Engine, *, queue_size: int, queue_timeout_s: float):
+    def __init__(
+        self,
+        name: str,
+        engine: Engine,
+        *,
+        queue_size: int,
+        queue_timeout_s: float,
+        metrics: Metrics | None = None,
+    ):
         self.name = name
         self.engine = engine
         self.queue_timeout_s = queue_timeout_s
+        self.metrics = metrics
+        self.running = 0  # jobs on the worker thread right now (0 or 1)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._in_flight = 0  # queued + running; touched only on the event loop
         self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
@@ -67,6 +79,7 @@ class ModelWorker:
         self._in_flight += 1
         outcome = "error"
         finished: list[Finished] = []
+        token_times: list[float] = []
         try:
             try:
                 await asyncio.wait_for(job.started.wait(), self.queue_timeout_s)
@@ -80,6 +93,8 @@ class ModelWorker:
                     raise item
                 if isinstance(item, Finished):
                     finished.append(item)
+                elif isinstance(item, Delta) and item.token_ids:
+                    token_times.append(time.perf_counter())
                 yield item
             outcome = "cancelled" if any(f.reason == "cancelled" for f in finished) else "ok"
         except (GeneratorExit, asyncio.CancelledError):
@@ -89,6 +104,10 @@ class ModelWorker:
             job.cancel.set()
             self._in_flight -= 1
             _log_request(self.name, label, job, finished, outcome)
+            if self.metrics is not None:
+                ttft = token_times[0] - job.enqueued if token_times else None
+                gaps = (b - a for a, b in itertools.pairwise(token_times))
+                self.metrics.record_generation(self.name, finished, ttft, gaps)
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
@@ -96,6 +115,7 @@ class ModelWorker:
                 job.emit(_DONE)
                 continue
             job.loop.call_soon_threadsafe(job.started.set)
+            self.running = 1
             try:
                 for event in self.engine.generate(job.request, job.cancel.is_set):
                     job.emit(event)
@@ -103,6 +123,7 @@ class ModelWorker:
                 log.exception("generation failed on model %s", self.name)
                 job.emit(e)
             finally:
+                self.running = 0
                 job.emit(_DONE)
 
     def close(self) -> None:

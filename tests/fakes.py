@@ -30,6 +30,9 @@ class FakeEngine:
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return [ord(c) % 100 for c in text]
 
+    def kv_tokens(self) -> int:
+        return 0
+
     def detokenize(self, tokens: list[int]) -> str:
         return "".join(chr(t + 32) for t in tokens)
 

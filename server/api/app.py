@@ -6,11 +6,13 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager, suppress
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
 from server.api import auth, chat, completions, errors, fim, health, models
 from server.manager import EngineFactory, ModelManager
+from server.metrics import Metrics
 from server.registry import Registry
 from server.settings import ServerSettings
 
@@ -24,7 +26,9 @@ def create_app(
         from server.engine.llama import LlamaEngine
 
         engine_factory = LlamaEngine
-    manager = ModelManager(registry, settings, engine_factory)
+    metrics = Metrics()
+    manager = ModelManager(registry, settings, engine_factory, metrics)
+    metrics.watch(manager.state)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -44,8 +48,27 @@ def create_app(
     app = FastAPI(title="codeserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.manager = manager
+    app.state.metrics = metrics
     errors.install(app)
     v1 = [Depends(auth.require_api_key)]
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            model = getattr(request.state, "model", "")
+            metrics.requests.labels(endpoint, model, str(status)).inc()
+
+    @app.get("/metrics", include_in_schema=False, dependencies=v1)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     app.include_router(completions.router, dependencies=v1)
     app.include_router(chat.router, dependencies=v1)
     app.include_router(fim.router, dependencies=v1)

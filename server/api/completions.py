@@ -32,8 +32,7 @@ def _logprobs(entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request):
-    manager = request.app.state.manager
-    worker = await manager.get(body.model)
+    worker = await g.model_worker(request, body.model)
     engine = worker.engine
     if body.echo and body.logprobs is not None:
         raise Unsupported(

@@ -21,7 +21,7 @@ router = APIRouter()
 
 @router.post("/v1/fim/completions", response_model=None)
 async def create_fim_completion(body: FimCompletionRequest, request: Request):
-    worker = await request.app.state.manager.get(body.model)
+    worker = await g.model_worker(request, body.model)
     engine = worker.engine
     prompt = g.fim_prompt(engine, body, body.max_tokens)
     sampling = g.sampling_params(body)

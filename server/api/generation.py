@@ -22,6 +22,14 @@ from server.errors import CodeserveError, ContextOverflow, InvalidRequest, Unsup
 from server.scheduler import ModelWorker
 
 
+async def model_worker(request: Request, name: str | None) -> ModelWorker:
+    """The worker for a request's model (loading it if needed), labelling the request with it."""
+    manager = request.app.state.manager
+    worker = await manager.get(name)
+    request.state.model = worker.name
+    return worker
+
+
 def fim_prompt(engine: Engine, body, max_tokens: int | None) -> list[int]:
     """Token ids for a fill-in-the-middle request (prompt before the cursor, suffix after)."""
     fim = engine.info.fim

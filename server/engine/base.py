@@ -104,6 +104,10 @@ class Engine(Protocol):
 
     def detokenize(self, tokens: list[int]) -> str: ...
 
+    def kv_tokens(self) -> int:
+        """Tokens currently held in the KV cache (read from other threads for metrics)."""
+        ...
+
     def generate(self, req: GenerationRequest, cancelled: Callable[[], bool]) -> Iterator[Event]:
         """Generate ``req.n`` choices; every choice ends with exactly one ``Finished``."""
         ...

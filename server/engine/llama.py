@@ -129,6 +129,9 @@ class LlamaEngine:
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=add_bos and self._add_bos, special=special)
 
+    def kv_tokens(self) -> int:
+        return self.llm.n_tokens
+
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
 
