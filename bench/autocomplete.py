@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.harness import codeserve, summary
+from bench.harness import codeserve, summary, target
 
 
 def source_text(n_chars: int, salt: int) -> str:
@@ -107,7 +107,7 @@ def main() -> None:
         "after_storm_ms": [],
     }
     cached: list[int] = []
-    with codeserve(args.model) as url:
+    with codeserve(target(args.model)) as url:
         real_request(url, args.model, "warm-up")
         for r in range(args.rounds):
             prompt = source_text(args.prompt_chars, r)

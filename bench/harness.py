@@ -1,14 +1,23 @@
-"""What every benchmark needs: a codeserve subprocess on a free port, and robust summaries."""
+"""Servers under test as subprocesses on free ports, and robust summaries.
+
+codeserve, llama-cpp-python's own server and llama.cpp's C++ llama-server are started with the
+same model file, context and thread count, so only the serving stack differs.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -19,46 +28,186 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def summary(xs: list[float]) -> dict:
+    xs = [x for x in xs if x == x]  # drop NaNs
+    if not xs:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "runs": []}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to run one model: the file and the settings every peer gets."""
+
+    name: str
+    path: Path
+    n_ctx: int
+    threads: int
+    n_batch: int = 512
+    kv_cache: str = "f16"
+
+
 @contextmanager
-def codeserve(model: str, *extra: str) -> Iterator[str]:
-    """Run `codeserve serve` for `model` until the block ends; yields its base URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--model",
-            model,
-            "--log-level",
-            "warning",
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+def _process(cmd: list[str], url: str, ready: str, log_name: str) -> Iterator[str]:
+    fd, log_path = tempfile.mkstemp(prefix=f"bench-{log_name}-", suffix=".log")
+    with os.fdopen(fd, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while not _healthy(url):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("codeserve did not become healthy")
-            time.sleep(0.2)
+        deadline = time.monotonic() + 180
+        while not _ok(url + ready):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{log_name} did not start; see {log_path}")
+            time.sleep(0.25)
         yield url
     finally:
         proc.terminate()
-        proc.wait()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
-def _healthy(url: str) -> bool:
+def _ok(url: str) -> bool:
     try:
-        return httpx.get(url + "/health", timeout=1).status_code == 200
+        return httpx.get(url, timeout=2).status_code == 200
     except httpx.TransportError:
         return False
 
 
-def summary(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
+def _codeserve_registry(t: Target, variants: dict[str, dict]) -> Path:
+    lines = [f'default_model = "{t.name}"', ""]
+    for name, over in {t.name: {}, **variants}.items():
+        path = over.get("path", t.path)
+        lines += [
+            f'[models."{name}"]',
+            f'source = {{ path = "{path}" }}',
+            f"n_ctx = {t.n_ctx}",
+            f"n_batch = {t.n_batch}",
+            f"n_threads = {t.threads}",
+            f'kv_cache = "{over.get("kv_cache", t.kv_cache)}"',
+            "",
+        ]
+    fd, path = tempfile.mkstemp(prefix="bench-models-", suffix=".toml")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines))
+    return Path(path)
+
+
+@contextmanager
+def codeserve(t: Target | None = None, variants: dict[str, dict] | None = None) -> Iterator[str]:
+    """codeserve on a registry made for `t` (plus variants), or on the user's models.toml."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    if t is not None:
+        cmd += ["--models-file", str(_codeserve_registry(t, variants or {}))]
+    with _process(cmd, f"http://127.0.0.1:{port}", "/health", "codeserve") as url:
+        yield url
+
+
+@contextmanager
+def llama_cpp_python_server(t: Target) -> Iterator[str]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(t.path),
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(t.n_ctx),
+        "--n_threads",
+        str(t.threads),
+        "--n_threads_batch",
+        str(t.threads),
+        "--n_batch",
+        str(t.n_batch),
+    ]
+    with _process(cmd, f"http://127.0.0.1:{port}", "/v1/models", "llama-cpp-python") as url:
+        yield url
+
+
+def find_llama_server(explicit: str | None) -> str | None:
+    return explicit or os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+
+
+@contextmanager
+def llama_server(t: Target, binary: str, slots: int = 8) -> Iterator[str]:
+    port = free_port()
+    # Each of the `slots` parallel sequences gets the same context as the single-slot servers.
+    cmd = [
+        binary,
+        "-m",
+        str(t.path),
+        "--port",
+        str(port),
+        "-c",
+        str(t.n_ctx * slots),
+        "-np",
+        str(slots),
+        "-t",
+        str(t.threads),
+        "-tb",
+        str(t.threads),
+        "-b",
+        str(t.n_batch),
+        "--no-webui",
+    ]
+    with _process(cmd, f"http://127.0.0.1:{port}", "/health", "llama-server") as url:
+        yield url
+
+
+@contextmanager
+def servers(
+    t: Target,
+    peers: list[str],
+    llama_server_bin: str | None,
+    variants: dict[str, dict] | None = None,
+) -> Iterator[dict[str, str]]:
+    """Start every HTTP peer asked for; yields {peer: base URL}."""
+    with ExitStack() as stack:
+        urls = {}
+        for peer in peers:
+            if peer == "codeserve":
+                urls[peer] = stack.enter_context(codeserve(t, variants))
+            elif peer == "llama-cpp-python":
+                urls[peer] = stack.enter_context(llama_cpp_python_server(t))
+            elif peer == "llama-server":
+                assert llama_server_bin is not None
+                urls[peer] = stack.enter_context(llama_server(t, llama_server_bin))
+        yield urls
+
+
+def target(model: str | None = None) -> Target:
+    """The Target for a registry model (the default when None), pulled if needed."""
+    from server.engine.llama import _available_cores
+    from server.registry import load_registry
+    from server.settings import ServerSettings
+    from server.store import ModelStore
+
+    settings = ServerSettings()
+    registry = load_registry(settings.models_file)
+    cfg = registry.models[model or registry.default_model]
+    path = ModelStore(registry, settings.cache_dir).pull(cfg)
+    return Target(
+        cfg.name, path, cfg.n_ctx, cfg.n_threads or _available_cores(), cfg.n_batch, cfg.kv_cache
+    )

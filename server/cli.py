@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the registry and what is pulled")
     common(m)
     m.set_defaults(func=cmd_models)
+
+    from bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     return p
 
 

@@ -1,0 +1,48 @@
+"""The in-process baseline: llama-cpp-python's `Llama` with codeserve's settings, no server."""
+
+from __future__ import annotations
+
+import time
+
+from bench.client import Sample
+from bench.harness import Target
+
+
+class RawLlama:
+    def __init__(self, t: Target):
+        import llama_cpp
+
+        type_ = {
+            "f16": llama_cpp.GGML_TYPE_F16,
+            "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+            "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+        }[t.kv_cache]
+        self.llm = llama_cpp.Llama(
+            str(t.path),
+            n_ctx=t.n_ctx,
+            n_batch=t.n_batch,
+            n_ubatch=t.n_batch,
+            n_threads=t.threads,
+            n_threads_batch=t.threads,
+            type_k=type_,
+            type_v=type_,
+            flash_attn=t.kv_cache != "f16",
+            verbose=False,
+        )
+
+    def stream(self, body: dict) -> Sample:
+        t0 = time.perf_counter()
+        first, tokens = None, 0
+        for chunk in self.llm.create_completion(
+            body["prompt"],
+            max_tokens=body["max_tokens"],
+            temperature=body["temperature"],
+            stop=body.get("stop"),
+            stream=True,
+        ):
+            if chunk["choices"][0]["text"]:
+                tokens += 1
+                if first is None:
+                    first = time.perf_counter() - t0
+        end = time.perf_counter() - t0
+        return Sample(first if first is not None else end, end, tokens, None)

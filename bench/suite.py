@@ -1,0 +1,211 @@
+"""`codeserve bench`: codeserve against raw llama.cpp and the servers people run today.
+
+One run, interleaved (each round visits every peer, in rotating order) so drift on a shared
+machine hits all sides; medians with min/max; every figure also as a ratio to each baseline.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench import client, machine, workloads
+from bench.harness import Target, percentile, servers, summary
+from bench.raw import RawLlama
+
+PEERS = ("codeserve", "raw", "llama-cpp-python", "llama-server")
+
+
+@dataclass
+class Plan:
+    rounds: int = 3
+    autocomplete_tokens: int = 32
+    humaneval_problems: int = 6
+    humaneval_tokens: int = 128
+    prefill_chars: int = 5000
+    concurrency: tuple[int, ...] = (1, 2, 4, 8)
+    requests_per_stream: int = 3
+    concurrency_tokens: int = 64
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(
+            rounds=1,
+            autocomplete_tokens=16,
+            humaneval_problems=1,
+            humaneval_tokens=32,
+            prefill_chars=1500,
+            concurrency=(1, 2),
+            requests_per_stream=1,
+            concurrency_tokens=16,
+        )
+
+
+@dataclass
+class Results:
+    single: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    concurrent: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, peer: str, figure: str, value: float) -> None:
+        self.single.setdefault(peer, {}).setdefault(figure, []).append(value)
+
+
+def run_suite(
+    t: Target,
+    peers: list[str],
+    plan: Plan,
+    llama_server_bin: str | None,
+    variants: dict[str, dict] | None = None,
+) -> dict:
+    http_peers = [p for p in peers if p != "raw"]
+    raw = RawLlama(t) if "raw" in peers else None
+    res = Results()
+    problems = workloads.humaneval()[: plan.humaneval_problems]
+    steps = plan.rounds * len(peers) + len(plan.concurrency) * len(http_peers)
+    bar = tqdm(total=steps, desc="bench", unit="run", file=sys.stderr)
+    with servers(t, http_peers, llama_server_bin, variants) as urls:
+        for r in range(plan.rounds):
+            order = peers[r % len(peers) :] + peers[: r % len(peers)]
+            for peer in order:
+                bar.set_postfix_str(f"round {r + 1} {peer}")
+                run = raw.stream if peer == "raw" else _http(urls[peer], t.name)
+                _single_stream(run, peer, plan, problems, res, raw_tokenizer(t), r)
+                bar.update()
+        for c in plan.concurrency:
+            for peer in random.sample(http_peers, len(http_peers)):
+                bar.set_postfix_str(f"{c} streams {peer}")
+                bodies = [
+                    {
+                        "model": t.name,
+                        "prompt": p.prompt,
+                        "max_tokens": plan.concurrency_tokens,
+                        "temperature": 0,
+                    }
+                    for p in workloads.humaneval()[:16]
+                ]
+                out = client.concurrent_throughput(
+                    urls[peer], bodies, c, c * plan.requests_per_stream
+                )
+                res.concurrent.setdefault(peer, {}).setdefault(c, []).append(out["tokens_per_s"])
+                bar.update()
+        variant_figures = _variants(urls.get("codeserve"), variants or {}, plan)
+    bar.close()
+    return _report(t, peers, plan, res, variant_figures)
+
+
+def _http(url: str, model: str):
+    def run(body: dict) -> client.Sample:
+        return client.stream(url, {"model": model, **body})
+
+    return run
+
+
+_TOKENIZERS: dict[Path, object] = {}
+
+
+def raw_tokenizer(t: Target):
+    """Prompt token counts from the model's own vocabulary, the same for every peer."""
+    import llama_cpp
+
+    if t.path not in _TOKENIZERS:
+        _TOKENIZERS[t.path] = llama_cpp.Llama(str(t.path), vocab_only=True, verbose=False)
+    llm = _TOKENIZERS[t.path]
+    return lambda text: len(llm.tokenize(text.encode(), add_bos=True, special=True))
+
+
+def _single_stream(run, peer: str, plan: Plan, problems, res: Results, count, r: int) -> None:
+    for prompt in workloads.AUTOCOMPLETE + workloads.FIM_EDITS:
+        s = run(
+            {
+                "prompt": prompt,
+                "max_tokens": plan.autocomplete_tokens,
+                "temperature": 0,
+                "stop": workloads.STOPS,
+            }
+        )
+        res.add(peer, "ttft_ms", s.ttft_s * 1e3)
+        res.latencies.setdefault(peer, []).append(s.latency_s)
+    for p in problems:
+        s = run({"prompt": p.prompt, "max_tokens": plan.humaneval_tokens, "temperature": 0})
+        res.add(peer, "decode_tok_s", s.decode_tok_s)
+    prompt = workloads.long_prompt(plan.prefill_chars, f"{peer}-{r}-{time.time_ns()}")
+    s = run({"prompt": prompt, "max_tokens": 1, "temperature": 0})
+    res.add(peer, "prefill_tok_s", count(prompt) / s.ttft_s)
+
+
+def _variants(url: str | None, variants: dict[str, dict], plan: Plan) -> dict[str, dict]:
+    """Decode speed and prefill of codeserve per variant (quant rung, KV cache type)."""
+    out: dict[str, dict] = {}
+    if url is None:
+        return out
+    problems = workloads.humaneval()[: max(1, plan.humaneval_problems // 2)]
+    for name in variants:
+        decode = [
+            client.stream(
+                url,
+                {
+                    "model": name,
+                    "prompt": p.prompt,
+                    "max_tokens": plan.humaneval_tokens,
+                    "temperature": 0,
+                },
+            ).decode_tok_s
+            for p in problems
+        ]
+        out[name] = {"decode_tok_s": summary(decode), **variants[name]}
+    return out
+
+
+def _report(t: Target, peers: list[str], plan: Plan, res: Results, variants: dict) -> dict:
+    figures = {peer: {k: summary(v) for k, v in figs.items()} for peer, figs in res.single.items()}
+    for peer, lat in res.latencies.items():
+        figures[peer]["latency_p50_ms"] = summary([percentile(lat, 0.5) * 1e3])
+        figures[peer]["latency_p95_ms"] = summary([percentile(lat, 0.95) * 1e3])
+    concurrent = {
+        peer: {str(c): summary(v) for c, v in by_c.items()} for peer, by_c in res.concurrent.items()
+    }
+    bandwidth = machine.memory_bandwidth_gbs()
+    size = t.path.stat().st_size
+    limit = bandwidth * 1e9 / size
+    ours = figures.get("codeserve", {}).get("decode_tok_s", {}).get("median", float("nan"))
+    ratios: dict[str, dict[str, float]] = {}
+    for base in (p for p in peers if p != "codeserve"):
+        ratios[base] = {
+            k: figures["codeserve"][k]["median"] / v["median"]
+            for k, v in figures.get(base, {}).items()
+            if k in figures["codeserve"]
+        }
+        for c, v in concurrent.get(base, {}).items():
+            ratios[base][f"aggregate_tok_s@{c}"] = (
+                concurrent["codeserve"][c]["median"] / v["median"]
+            )
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine.describe(),
+        "model": {
+            "name": t.name,
+            "file": t.path.name,
+            "bytes": size,
+            "n_ctx": t.n_ctx,
+            "threads": t.threads,
+            "kv_cache": t.kv_cache,
+        },
+        "plan": plan.__dict__,
+        "peers": peers,
+        "single_stream": figures,
+        "aggregate_tok_s": concurrent,
+        "ratios_codeserve_over": ratios,
+        "variants": variants,
+        "physical_limit": {
+            "memory_bandwidth_gbs": bandwidth,
+            "bytes_per_token": size,
+            "decode_tok_s_limit": limit,
+            "codeserve_fraction": ours / limit,
+        },
+    }

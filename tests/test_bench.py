@@ -1,0 +1,79 @@
+"""The benchmark suite runs end to end (--quick, as CI affords) and its pieces are correct."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import humaneval as he
+from bench.harness import percentile, summary
+from bench.workloads import humaneval
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return humaneval()
+
+
+def test_humaneval_ships_164_problems(problems):
+    assert len(problems) == 164 and problems[0].task_id == "HumanEval/0"
+
+
+def test_canonical_solutions_pass_and_wrong_ones_fail(problems):
+    assert all(he.passes(p, p.canonical_solution) for p in problems[:5])
+    assert not he.passes(problems[0], "    return None\n")
+    assert not he.passes(problems[0], "    while True:\n        pass\n", timeout_s=2)
+
+
+def test_generated_code_has_no_network(problems):
+    p = problems[0]
+    probe = (
+        "    import socket\n    s = socket.socket()\n    s.settimeout(1)\n"
+        "    s.connect(('127.0.0.1', 9))\n" + p.canonical_solution
+    )
+    # connecting fails before the solution runs, so the program cannot pass
+    assert not he.passes(p, probe)
+    assert he.isolation() in ("netns", "no-sockets")
+
+
+def test_pass_at_k_estimator():
+    assert he.pass_at_k(10, 0, 1) == 0.0
+    assert he.pass_at_k(10, 10, 5) == 1.0
+    assert he.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert he.pass_at_k(5, 1, 2) == pytest.approx(1 - (4 * 3) / (5 * 4))
+
+
+def test_summaries():
+    s = summary([3.0, 1.0, 2.0, float("nan")])
+    assert (s["median"], s["min"], s["max"]) == (2.0, 1.0, 3.0)
+    assert percentile([1, 2, 3, 4, 5], 0.5) == 3 and percentile([1, 2], 0.95) == pytest.approx(1.95)
+
+
+def test_humaneval_through_the_api(server):
+    out = he.evaluate(server.url, "smollm2-135m", limit=2, max_tokens=64)
+    assert out["problems"] == 2 and len(out["results"]) == 2
+    assert 0.0 <= out["pass_at"]["pass@1"] <= 1.0
+    assert all(len(r["passed"]) == 1 for r in out["results"])
+
+
+def test_quick_bench_writes_its_report(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "bench", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (report,) = tmp_path.glob("*.json")
+    rep = json.loads(report.read_text())
+    for peer in ("codeserve", "raw"):
+        assert rep["single_stream"][peer]["decode_tok_s"]["median"] > 0
+        assert rep["single_stream"][peer]["prefill_tok_s"]["median"] > 0
+    assert rep["aggregate_tok_s"]["codeserve"]["1"]["median"] > 0
+    assert rep["ratios_codeserve_over"]["raw"]["decode_tok_s"] > 0
+    assert rep["physical_limit"]["memory_bandwidth_gbs"] > 0
+    assert report.with_suffix(".png").stat().st_size > 1000
+    assert "| decode tokens/s" in report.with_suffix(".md").read_text()
