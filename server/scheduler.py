@@ -1,7 +1,9 @@
-"""Scheduling: one worker thread per loaded model, a bounded FIFO queue in front of it.
+"""Scheduling: one worker per loaded model, a bounded FIFO queue in front of it.
 
-llama.cpp contexts are not thread-safe, so each engine is driven by exactly one thread. Requests
-queue to it; events travel back to the event loop through an asyncio queue. Cancellation (client
+llama.cpp contexts are not thread-safe, so an engine says how many requests it can take at once
+(``slots``): the simple engine one, a batched engine several, which it steps together in its own
+decode loop. The worker runs that many threads over one FIFO queue; events travel back to the
+event loop through an asyncio queue. Cancellation (client
 gone, timeout) sets a flag the engine polls between tokens; a cancelled request still waiting in
 the queue is skipped without touching the model, so a burst of aborted requests costs nothing.
 """
@@ -53,11 +55,16 @@ class ModelWorker:
         self.engine = engine
         self.queue_timeout_s = queue_timeout_s
         self.metrics = metrics
-        self.running = 0  # jobs on the worker thread right now (0 or 1)
+        self.running = 0  # jobs inside the engine right now (at most engine.slots)
+        self._running_lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._in_flight = 0  # queued + running; touched only on the event loop
-        self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"worker-{name}-{i}", daemon=True)
+            for i in range(max(1, getattr(engine, "slots", 1)))
+        ]
+        for t in self._threads:
+            t.start()
 
     @property
     def busy(self) -> bool:
@@ -115,7 +122,8 @@ class ModelWorker:
                 job.emit(_DONE)
                 continue
             job.loop.call_soon_threadsafe(job.started.set)
-            self.running = 1
+            with self._running_lock:
+                self.running += 1
             try:
                 for event in self.engine.generate(job.request, job.cancel.is_set):
                     job.emit(event)
@@ -123,12 +131,15 @@ class ModelWorker:
                 log.exception("generation failed on model %s", self.name)
                 job.emit(e)
             finally:
-                self.running = 0
+                with self._running_lock:
+                    self.running -= 1
                 job.emit(_DONE)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
         self.engine.close()
 
 

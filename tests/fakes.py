@@ -12,6 +12,7 @@ from server.engine.base import Delta, Finished, GenerationRequest, ModelInfo, Ti
 @dataclass
 class FakeEngine:
     token_s: float = 0.01
+    slots: int = 1
     size_bytes: int = 1
     info: ModelInfo = field(init=False)
     served: list[list[int]] = field(default_factory=list)

@@ -97,6 +97,9 @@ class ModelInfo:
 
 class Engine(Protocol):
     info: ModelInfo
+    # How many generate() calls may run at once, each on its own worker thread. The simple engine
+    # serves one; a batched engine steps all of its slots in one llama_decode per token.
+    slots: int
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
         """Token ids for text; with `special`, marker text like <|im_end|> becomes its token."""

@@ -46,6 +46,8 @@ def _available_cores() -> int:
 
 
 class LlamaEngine:
+    slots = 1
+
     def __init__(self, path: Path, cfg: ModelConfig):
         import llama_cpp
 
