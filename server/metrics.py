@@ -48,6 +48,25 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.spec_drafted = Counter(
+            "llamacpp:spec_decode_num_draft_tokens",
+            "Speculative: Total draft tokens generated",
+            ["model"],
+            registry=r,
+        )
+        self.spec_accepted = Counter(
+            "llamacpp:spec_decode_num_accepted_tokens",
+            "Speculative: Total draft tokens accepted by the target model",
+            ["model"],
+            registry=r,
+        )
+        self.target_passes = Counter(
+            "codeserve_decode_target_passes",
+            "Target-model forward passes while decoding (tokens predicted / passes = tokens per "
+            "pass)",
+            ["model"],
+            registry=r,
+        )
         self.requests = Counter(
             "codeserve_requests",
             "HTTP requests by endpoint, model and status code",
@@ -89,6 +108,9 @@ class Metrics:
             self.prompt_seconds.labels(model).inc(t.prompt_ms / 1e3)
             self.tokens_predicted.labels(model).inc(t.completion_tokens)
             self.tokens_predicted_seconds.labels(model).inc(t.decode_ms / 1e3)
+            self.spec_drafted.labels(model).inc(t.drafted)
+            self.spec_accepted.labels(model).inc(t.accepted)
+            self.target_passes.labels(model).inc(t.target_passes)
         if ttft_s is not None:
             self.ttft.labels(model).observe(ttft_s)
         histogram = self.inter_token.labels(model)

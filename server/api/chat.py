@@ -61,6 +61,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         n=body.n,
         logprobs=top,
         time_budget_s=g.time_budget(body),
+        speculation=g.speculation(body),
     )
     return await respond(worker, greq, request, body, label="chat")
 

@@ -60,6 +60,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         n=body.n,
         logprobs=body.logprobs,
         time_budget_s=g.time_budget(body),
+        speculation=g.speculation(body),
     )
     cid, created, model = new_id("cmpl"), now(), worker.name
     echo = prompt_text if body.echo else ""

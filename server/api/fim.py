@@ -34,5 +34,6 @@ async def create_fim_completion(body: FimCompletionRequest, request: Request):
         stop=tuple(body.stop),
         n=body.n,
         time_budget_s=g.time_budget(body),
+        speculation=g.speculation(body),
     )
     return await chat.respond(worker, greq, request, body, label="fim")

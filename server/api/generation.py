@@ -16,7 +16,15 @@ from fastapi import Request
 from sse_starlette import EventSourceResponse
 
 from server.api.protocol import PromptTokensDetails, Usage
-from server.engine.base import Delta, Engine, Event, Finished, SamplingParams, TokenLogprob
+from server.engine.base import (
+    Delta,
+    Engine,
+    Event,
+    Finished,
+    SamplingParams,
+    Speculation,
+    TokenLogprob,
+)
 from server.engine.fim import ExtraFile, build_fim_prompt
 from server.errors import CodeserveError, ContextOverflow, InvalidRequest, Unsupported
 from server.scheduler import ModelWorker
@@ -53,6 +61,10 @@ def fim_prompt(engine: Engine, body, max_tokens: int | None) -> list[int]:
         extra=[ExtraFile(f.filename, f.text) for f in body.input_extra],
         filename=body.filename,
     )
+
+
+def speculation(body) -> Speculation:
+    return Speculation(mode=body.speculative, max_draft=body.speculative_max_draft)
 
 
 def time_budget(body) -> float | None:

@@ -51,6 +51,9 @@ class _SamplingFields(_Request):
     user: str | None = None
     # llama-server's name: stop generating (finish_reason "length") after this many milliseconds.
     t_max_predict_ms: int | None = Field(None, gt=0)
+    # codeserve extensions: speculative decoding per request (default: the model's setting).
+    speculative: Literal["off", "prompt_lookup", "draft"] | None = None
+    speculative_max_draft: int | None = Field(None, ge=1, le=32)
 
     _stop = field_validator("stop", mode="before")(_normalize_stop)
 

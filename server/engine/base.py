@@ -32,6 +32,17 @@ class SamplingParams:
     seed: int | None = None
 
 
+SpeculationMode = Literal["off", "prompt_lookup", "draft"]
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """Per-request speculative decoding; None fields fall back to the model's configuration."""
+
+    mode: SpeculationMode | None = None
+    max_draft: int | None = None  # upper bound on drafted tokens per target step (K)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: list[int]
@@ -41,6 +52,7 @@ class GenerationRequest:
     n: int = 1
     logprobs: int | None = None  # top-N alternatives per token; None: no logprobs at all
     time_budget_s: float | None = None  # stop with "length" once generation has run this long
+    speculation: Speculation = field(default_factory=Speculation)
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,9 @@ class Timings:
     completion_tokens: int
     prompt_ms: float  # request start → first token sampled (TTFT on the engine)
     decode_ms: float  # first token → last token
+    drafted: int = 0  # speculative tokens proposed
+    accepted: int = 0  # ... and accepted by the target
+    target_passes: int = 0  # target forward passes while decoding (tokens/pass = speedup bound)
 
 
 @dataclass(frozen=True)

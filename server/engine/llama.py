@@ -221,6 +221,7 @@ class LlamaEngine:
                 completion_tokens=completion,
                 prompt_ms=(t_first - t0) * 1e3,
                 decode_ms=(t_end - t_first) * 1e3,
+                target_passes=completion,  # one forward pass per token without speculation
             ),
         )
 
