@@ -47,6 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
             "queue_timeout_s",
             "memory_budget_mb",
             "log_level",
+            "engine",
+            "slots",
+            "prefill_chunk",
         ),
     )
     registry = _registry(settings)
@@ -119,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue-size", type=int)
     s.add_argument("--queue-timeout-s", type=float)
     s.add_argument("--memory-budget-mb", type=int)
+    s.add_argument(
+        "--engine",
+        choices=["auto", "simple", "batched"],
+        help="batched (concurrent streams, n > 1) or simple (speculation); default auto",
+    )
+    s.add_argument("--slots", type=int, help="sequences the batched engine decodes together")
+    s.add_argument("--prefill-chunk", type=int)
     s.add_argument("--log-level")
     s.set_defaults(func=cmd_serve)
 
@@ -132,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     from bench.cli import add_parser as add_bench
+    from quantize.cli import add_parser as add_quantize
 
+    add_quantize(sub)
     add_bench(sub)
     return p
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -51,6 +52,16 @@ class ServerSettings(BaseSettings):
         default_factory=lambda: int(_total_memory_bytes() * 0.75) >> 20,
         gt=0,
         description="resident models are unloaded least-recently-used beyond this",
+    )
+    engine: Literal["auto", "simple", "batched"] = Field(
+        "auto",
+        description="batched: many sequences per llama_decode (concurrent streams, n > 1); "
+        "simple: one sequence at a time (speculative decoding); auto: batched unless the model "
+        "has a draft model",
+    )
+    slots: int = Field(8, ge=1, le=64, description="sequences the batched engine runs at once")
+    prefill_chunk: int = Field(
+        128, ge=16, description="prompt tokens per batched step while others are decoding"
     )
     log_level: str = "info"
 

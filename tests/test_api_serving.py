@@ -72,8 +72,8 @@ def test_concurrent_clients_are_all_answered(server):
 
 @pytest.fixture(scope="module")
 def guarded_server(registry):
-    """A second server: API key required, and room for only one waiting request."""
-    live = LiveServer(make_settings(api_key="sekret", queue_size=1), registry).start()
+    """A second server: API key required, one request at a time and room for one waiting."""
+    live = LiveServer(make_settings(api_key="sekret", queue_size=1, slots=1), registry).start()
     yield live
     live.stop()
 

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
 from server.api import auth, chat, completions, errors, fim, health, models
+from server.engine.factory import make_engine_factory
 from server.manager import EngineFactory, ModelManager
 from server.metrics import Metrics
 from server.registry import Registry
@@ -23,9 +24,9 @@ def create_app(
     settings: ServerSettings, registry: Registry, engine_factory: EngineFactory | None = None
 ) -> FastAPI:
     if engine_factory is None:
-        from server.engine.llama import LlamaEngine
-
-        engine_factory = LlamaEngine
+        engine_factory = make_engine_factory(
+            settings.engine, settings.slots, settings.prefill_chunk
+        )
     metrics = Metrics()
     manager = ModelManager(registry, settings, engine_factory, metrics)
     metrics.watch(manager.state)

@@ -1,0 +1,447 @@
+"""The batched engine: one llama.cpp context, many sequences, one llama_decode per step.
+
+Every active sequence contributes its next token to a single batch, so eight streams cost about
+what two single steps cost on a CPU (measured on SmolLM2: a batch of 8 tokens ≈ 2.1× one token).
+Requests join at the next step and leave when they finish or are cancelled (continuous batching);
+prompts are evaluated in chunks within a per-step token budget, so a long prompt does not stall the
+others' decoding. `n` choices share one evaluation of the prompt: its KV cache is copied to each
+choice's sequence, which then samples with its own seed.
+
+One decode-loop thread owns the context; `generate()` calls (one per worker thread, up to `slots`
+at once) hand their request to it and read events back from a queue. Each sequence keeps its KV
+cache after it finishes, and a new request takes the free slot sharing the longest prefix with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from server.engine.base import (
+    Delta,
+    Event,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    Timings,
+    TokenLogprob,
+)
+from server.engine.llama import LlamaEngine, _available_cores
+from server.engine.text import TextReleaser
+from server.errors import ModelUnavailable
+from server.registry import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # exactly what its KV cache holds
+    busy: bool = False
+
+
+@dataclass(eq=False)
+class _Choice:
+    group: _Group
+    index: int
+    slot: _Slot
+    sampler: object
+    releaser: TextReleaser
+    state: str = "prefill"  # prefill (waiting for the prompt) → eval_last → decode → done
+    last: int = -1  # token to feed next step
+    completion: int = 0
+    t_first: float | None = None
+
+
+@dataclass(eq=False)
+class _Group:
+    """One generate() call: its request, its choices, and the queue its events go to."""
+
+    req: GenerationRequest
+    cancelled: Callable[[], bool]
+    events: queue.Queue = field(default_factory=queue.Queue)
+    t0: float = field(default_factory=time.perf_counter)
+    base_seed: int = 0
+    next_index: int = 0
+    primary: _Slot | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
+    cached: int = 0
+    choices: list[_Choice] = field(default_factory=list)
+    finished: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.req.n - self.next_index
+
+
+class BatchedEngine:
+    def __init__(self, path: Path, cfg: ModelConfig, slots: int = 8, prefill_chunk: int = 128):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._lib = llama_cpp
+        # The simple engine, with a token-sized context, lends its loaded weights, vocabulary,
+        # chat template and FIM detection; the batched context below is the one that runs.
+        self._vocab_engine = LlamaEngine(path, cfg.model_copy(update={"n_ctx": 64}))
+        llm = self._vocab_engine.llm
+        self.slots = slots
+        self._prefill_chunk = prefill_chunk
+        threads = cfg.n_threads or _available_cores()
+        kv_type = {
+            "f16": llama_cpp.GGML_TYPE_F16,
+            "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+            "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+        }[cfg.kv_cache]
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = cfg.n_ctx * slots  # each sequence gets its own n_ctx cells
+        params.n_batch = params.n_ubatch = max(cfg.n_batch, slots)
+        params.n_seq_max = slots
+        params.kv_unified = False  # one KV stream per sequence: attention never scans the others
+        params.n_threads = params.n_threads_batch = threads
+        params.type_k = params.type_v = kv_type
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if cfg.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        try:
+            self._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        except ValueError as e:
+            raise ModelUnavailable(
+                f"model {cfg.name!r}: llama.cpp could not create a {slots}-sequence context of "
+                f"{cfg.n_ctx} tokens each: {e}"
+            ) from e
+        self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._n_batch = params.n_batch
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self._n_vocab = llm.n_vocab()
+        per_token = self._vocab_engine.info.kv_cache_bytes / llm.n_ctx()
+        self.info = dataclasses.replace(
+            self._vocab_engine.info,
+            n_ctx=cfg.n_ctx,  # per sequence: what one request may use
+            kv_cache_bytes=int(per_token * cfg.n_ctx * slots),
+        )
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._incoming: list[_Group] = []
+        self._groups: list[_Group] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"decode-{cfg.name}", daemon=True)
+        self._thread.start()
+        log.info(
+            "batched engine for %s: %d slots × %d tokens, prefill chunk %d",
+            cfg.name,
+            slots,
+            cfg.n_ctx,
+            prefill_chunk,
+        )
+
+    # -- the vocabulary is the simple engine's --------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        return self._vocab_engine.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._vocab_engine.detokenize(tokens)
+
+    def kv_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self._slots)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def generate(self, req: GenerationRequest, cancelled: Callable[[], bool]) -> Iterator[Event]:
+        seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(31)
+        group = _Group(req, cancelled, base_seed=seed)
+        with self._wake:
+            self._incoming.append(group)
+            self._wake.notify()
+        done = 0
+        while done < req.n:
+            item = group.events.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, Finished):
+                done += 1
+            yield item
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+        self._lib.llama_batch_free(self._batch)
+        self._ctx.close()
+        self._vocab_engine.close()
+
+    # -- the decode loop ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._groups and not self._incoming:
+                    self._wake.wait()
+                if self._closed:
+                    return
+            try:
+                self._admit()
+                self._step()
+            except Exception as e:  # a failed decode fails the requests in it, not the server
+                log.exception("batched decode step failed")
+                for g in self._groups:
+                    g.events.put(e)
+                    self._release(g)
+                self._groups = []
+
+    def _free_slots(self) -> list[_Slot]:
+        return [s for s in self._slots if not s.busy]
+
+    def _admit(self) -> None:
+        with self._wake:
+            while self._incoming and self._free_slots():
+                g = self._incoming.pop(0)
+                self._start_group(g)
+                self._groups.append(g)
+
+    def _start_group(self, g: _Group) -> None:
+        prompt = g.req.prompt
+        free = self._free_slots()
+        cold = g.req.sampling.seed is not None and g.req.sampling.temperature > 0
+        primary = max(free, key=lambda s: _common_prefix(s.tokens, prompt))
+        # Keep at least one prompt token to evaluate: its logits start every choice. A seeded
+        # request starts cold for reproducible text (logits depend on how a prompt was batched).
+        keep = 0 if cold else min(_common_prefix(primary.tokens, prompt), len(prompt) - 1)
+        self._lib.llama_memory_seq_rm(self._mem, primary.seq_id, keep, -1)
+        primary.tokens = primary.tokens[:keep]
+        primary.busy = True
+        g.primary, g.cached, g.pending = primary, keep, prompt[keep:]
+        if g.req.max_tokens <= 0:
+            for _ in range(g.req.n):
+                self._finish_now(g, "length")
+            return
+        extra = [s for s in free if s is not primary][: min(g.req.n, self.slots) - 1]
+        for slot in [primary, *extra]:
+            slot.busy = True
+            self._new_choice(g, slot, state="prefill")
+
+    def _new_choice(self, g: _Group, slot: _Slot, state: str) -> None:
+        seed = (g.base_seed + g.next_index) & 0x7FFFFFFF
+        g.choices.append(
+            _Choice(
+                g,
+                g.next_index,
+                slot,
+                _sampler(g.req.sampling, seed, self._n_vocab),
+                TextReleaser(g.req.stop),
+                state=state,
+            )
+        )
+        g.next_index += 1
+
+    def _finish_now(self, g: _Group, reason: FinishReason) -> None:
+        g.events.put(Finished(g.next_index, reason, Timings(len(g.req.prompt), g.cached, 0, 0, 0)))
+        g.next_index += 1
+        g.finished += 1
+
+    def _step(self) -> None:
+        entries: list[tuple[int, int, int, bool]] = []  # token, pos, seq, wants logits
+        owners: list[tuple[int, object]] = []  # batch index → choice, or group (prompt done)
+        live = []
+        for g in self._groups:
+            if g.cancelled():  # checked every step: a client that left costs at most one token
+                for c in g.choices:
+                    if c.state != "done":
+                        self._finish(c, "cancelled")
+            else:
+                live.append(g)
+        for g in live:
+            for c in g.choices:
+                if c.state == "decode":
+                    owners.append((len(entries), c))
+                    entries.append((c.last, len(c.slot.tokens), c.slot.seq_id, True))
+                elif c.state == "eval_last":
+                    prompt = g.req.prompt
+                    owners.append((len(entries), c))
+                    entries.append((prompt[-1], len(prompt) - 1, c.slot.seq_id, True))
+        budget = self._n_batch - len(entries)
+        if len(entries) > 0:
+            budget = min(budget, self._prefill_chunk)  # keep the others' next token coming
+        for g in live:
+            if not g.pending or budget <= 0:
+                continue
+            chunk, g.pending = g.pending[:budget], g.pending[budget:]
+            pos = len(g.primary.tokens)
+            for i, t in enumerate(chunk):
+                last = not g.pending and i == len(chunk) - 1
+                if last:
+                    owners.append((len(entries), g))
+                entries.append((t, pos + i, g.primary.seq_id, last))
+            g.primary.tokens.extend(chunk)
+            budget -= len(chunk)
+        if entries:
+            self._decode(entries)
+            for i, owner in owners:
+                if isinstance(owner, _Group):
+                    self._prompt_ready(owner, i)
+                else:
+                    if owner.state == "eval_last":
+                        owner.slot.tokens.append(owner.group.req.prompt[-1])
+                    else:
+                        owner.slot.tokens.append(owner.last)
+                    self._sample(owner, i)
+        self._retire()
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        b = self._batch
+        b.n_tokens = len(entries)
+        for i, (tok, pos, seq, logits) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+        rc = self._lib.llama_decode(self._ctx.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def _prompt_ready(self, g: _Group, index: int) -> None:
+        """The prompt is in the primary's KV cache: copy it to the other choices and sample."""
+        for c in g.choices:
+            if c.slot is not g.primary:
+                self._lib.llama_memory_seq_rm(self._mem, c.slot.seq_id, -1, -1)
+                self._lib.llama_memory_seq_cp(self._mem, g.primary.seq_id, c.slot.seq_id, -1, -1)
+                c.slot.tokens = list(g.primary.tokens)
+            self._sample(c, index)
+
+    def _sample(self, c: _Choice, index: int) -> None:
+        g, req = c.group, c.group.req
+        if c.t_first is None:
+            c.t_first = time.perf_counter()
+        token = self._lib.llama_sampler_sample(c.sampler, self._ctx.ctx, index)
+        c.state = "decode"
+        if self._lib.llama_vocab_is_eog(self._vocab_engine._vocab, token):
+            return self._finish(c, "stop")
+        c.completion += 1
+        c.last = token
+        lp = self._logprob(index, token, req.logprobs) if req.logprobs is not None else None
+        out = c.releaser.push(token, self._vocab_engine.piece(token), lp)
+        if out:
+            g.events.put(Delta(c.index, out.text, tuple(out.token_ids), tuple(out.logprobs)))
+        if c.releaser.stopped:
+            self._finish(c, "stop")
+        elif c.completion >= req.max_tokens or (
+            req.time_budget_s is not None and time.perf_counter() - g.t0 > req.time_budget_s
+        ):
+            self._finish(c, "length")
+
+    def _logprob(self, index: int, token: int, top_n: int) -> TokenLogprob:
+        row = np.ctypeslib.as_array(
+            self._lib.llama_get_logits_ith(self._ctx.ctx, index), shape=(self._n_vocab,)
+        )
+        return logprob_entry(row, token, top_n, self.detokenize)
+
+    def _finish(self, c: _Choice, reason: FinishReason) -> None:
+        g = c.group
+        tail = c.releaser.finish() if reason != "cancelled" else None
+        if tail:
+            g.events.put(Delta(c.index, tail.text, tuple(tail.token_ids), tuple(tail.logprobs)))
+        now = time.perf_counter()
+        first = c.t_first or now
+        g.events.put(
+            Finished(
+                c.index,
+                reason,
+                Timings(
+                    prompt_tokens=len(g.req.prompt),
+                    cached_tokens=g.cached,
+                    completion_tokens=c.completion,
+                    prompt_ms=(first - g.t0) * 1e3,
+                    decode_ms=(now - first) * 1e3,
+                    target_passes=c.completion,
+                ),
+            )
+        )
+        c.state = "done"
+        g.finished += 1
+        self._lib.llama_sampler_free(c.sampler)
+        if g.remaining > 0 and reason != "cancelled" and not g.cancelled():
+            # More choices than slots: this slot goes back to the prompt for the next one.
+            prompt_len = len(g.req.prompt)
+            self._lib.llama_memory_seq_rm(self._mem, c.slot.seq_id, prompt_len - 1, -1)
+            c.slot.tokens = c.slot.tokens[: prompt_len - 1]
+            self._new_choice(g, c.slot, state="eval_last")
+
+    def _retire(self) -> None:
+        for g in [g for g in self._groups if g.finished >= g.req.n or g.cancelled()]:
+            if g.cancelled():
+                while g.finished < g.req.n and g.remaining > 0:
+                    self._finish_now(g, "cancelled")
+            self._release(g)
+            self._groups.remove(g)
+
+    def _release(self, g: _Group) -> None:
+        for c in g.choices:
+            c.slot.busy = False
+        if g.primary is not None:
+            g.primary.busy = False
+
+
+def _sampler(s: SamplingParams, seed: int, n_vocab: int):
+    """A llama.cpp sampler chain for one sequence, as llama-cpp-python's `Llama` builds it."""
+    import llama_cpp
+
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+    def add(sampler) -> None:
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+    add(
+        llama_cpp.llama_sampler_init_penalties(
+            n_vocab, 64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
+        )
+    )
+    if s.temperature == 0:
+        add(llama_cpp.llama_sampler_init_greedy())
+    else:
+        add(llama_cpp.llama_sampler_init_top_k(s.top_k))
+        add(llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+        add(llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(s.temperature))
+        add(llama_cpp.llama_sampler_init_dist(seed))
+    return chain
+
+
+def logprob_entry(
+    row: np.ndarray, token: int, top_n: int, detokenize: Callable[[list[int]], str]
+) -> TokenLogprob:
+    """OpenAI logprobs for one sampled token from its row of raw logits."""
+    m = float(row.max())
+    logz = m + float(np.log(np.exp(row - m).sum()))
+    top: dict[str, float] = {}
+    if top_n > 0:
+        for t in np.argpartition(-row, top_n)[:top_n]:
+            top[detokenize([int(t)])] = float(row[t]) - logz
+    return TokenLogprob(
+        token=detokenize([token]),
+        logprob=float(row[token]) - logz,
+        top=dict(sorted(top.items(), key=lambda kv: -kv[1])),
+        text_offset=0,
+    )
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
