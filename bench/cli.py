@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
 
 
 def _available_peers(llama_server: str | None) -> list[str]:
-    peers = ["codeserve", "raw"]
+    peers = ["codeserve", "codeserve-simple", "raw"]
     if importlib.util.find_spec("starlette_context"):
         peers.append("llama-cpp-python")
     if llama_server:

@@ -103,7 +103,9 @@ def _codeserve_registry(t: Target, variants: dict[str, dict]) -> Path:
 
 
 @contextmanager
-def codeserve(t: Target | None = None, variants: dict[str, dict] | None = None) -> Iterator[str]:
+def codeserve(
+    t: Target | None = None, variants: dict[str, dict] | None = None, engine: str = "auto"
+) -> Iterator[str]:
     """codeserve on a registry made for `t` (plus variants), or on the user's models.toml."""
     port = free_port()
     cmd = [
@@ -113,6 +115,8 @@ def codeserve(t: Target | None = None, variants: dict[str, dict] | None = None) 
         "serve",
         "--port",
         str(port),
+        "--engine",
+        engine,
         "--log-level",
         "warning",
     ]
@@ -189,6 +193,8 @@ def servers(
         for peer in peers:
             if peer == "codeserve":
                 urls[peer] = stack.enter_context(codeserve(t, variants))
+            elif peer == "codeserve-simple":  # the one-sequence-at-a-time engine, for reference
+                urls[peer] = stack.enter_context(codeserve(t, engine="simple"))
             elif peer == "llama-cpp-python":
                 urls[peer] = stack.enter_context(llama_cpp_python_server(t))
             elif peer == "llama-server":

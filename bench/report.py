@@ -72,6 +72,14 @@ def markdown(rep: dict) -> str:
         f"ceiling is ≈{lim['decode_tok_s_limit']:.0f} tokens/s; codeserve decodes at "
         f"{lim['codeserve_fraction'] * 100:.0f}% of it.",
     ]
+    if rep.get("candidates"):
+        c = rep["candidates"]
+        lines += [
+            "",
+            f"{c['n']} candidates for one HumanEval prompt (64 tokens each): one request "
+            f"with n={c['n']} took {c['one_request_s']:.1f} s, {c['n']} sequential requests "
+            f"{c['sequential_s']:.1f} s: {c['speedup']:.2f}× faster.",
+        ]
     if rep.get("variants"):
         lines += ["", "| codeserve variant | decode tokens/s |", "|---|---|"]
         for name, v in rep["variants"].items():

@@ -12,13 +12,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from tqdm import tqdm
 
 from bench import client, machine, workloads
 from bench.harness import Target, percentile, servers, summary
 from bench.raw import RawLlama
 
-PEERS = ("codeserve", "raw", "llama-cpp-python", "llama-server")
+PEERS = ("codeserve", "codeserve-simple", "raw", "llama-cpp-python", "llama-server")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Plan:
     concurrency: tuple[int, ...] = (1, 2, 4, 8)
     requests_per_stream: int = 3
     concurrency_tokens: int = 64
+    candidates: int = 50  # n for "sample many candidates for one problem"
 
     @classmethod
     def quick(cls) -> Plan:
@@ -43,6 +45,7 @@ class Plan:
             concurrency=(1, 2),
             requests_per_stream=1,
             concurrency_tokens=16,
+            candidates=4,
         )
 
 
@@ -95,8 +98,11 @@ def run_suite(
                 res.concurrent.setdefault(peer, {}).setdefault(c, []).append(out["tokens_per_s"])
                 bar.update()
         variant_figures = _variants(urls.get("codeserve"), variants or {}, plan)
+        candidates = _candidates(urls.get("codeserve"), t.name, plan)
     bar.close()
-    return _report(t, peers, plan, res, variant_figures)
+    rep = _report(t, peers, plan, res, variant_figures)
+    rep["candidates"] = candidates
+    return rep
 
 
 def _http(url: str, model: str):
@@ -137,6 +143,34 @@ def _single_stream(run, peer: str, plan: Plan, problems, res: Results, count, r:
     prompt = workloads.long_prompt(plan.prefill_chars, f"{peer}-{r}-{time.time_ns()}")
     s = run({"prompt": prompt, "max_tokens": 1, "temperature": 0})
     res.add(peer, "prefill_tok_s", count(prompt) / s.ttft_s)
+
+
+def _candidates(url: str | None, model: str, plan: Plan) -> dict:
+    """n candidates for one HumanEval prompt: one request with n vs n sequential requests."""
+    if url is None:
+        return {}
+    body = {
+        "model": model,
+        "prompt": workloads.humaneval()[0].prompt,
+        "max_tokens": 64,
+        "temperature": 0.8,
+    }
+    t0 = time.perf_counter()
+    r = httpx.post(url + "/v1/completions", json={**body, "n": plan.candidates}, timeout=1800)
+    r.raise_for_status()
+    together = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(plan.candidates):
+        httpx.post(
+            url + "/v1/completions", json={**body, "seed": i}, timeout=600
+        ).raise_for_status()
+    sequential = time.perf_counter() - t0
+    return {
+        "n": plan.candidates,
+        "one_request_s": together,
+        "sequential_s": sequential,
+        "speedup": sequential / together,
+    }
 
 
 def _variants(url: str | None, variants: dict[str, dict], plan: Plan) -> dict[str, dict]:
