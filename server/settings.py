@@ -55,9 +55,8 @@ class ServerSettings(BaseSettings):
     )
     engine: Literal["auto", "simple", "batched"] = Field(
         "auto",
-        description="batched: many sequences per llama_decode (concurrent streams, n > 1); "
-        "simple: one sequence at a time (speculative decoding); auto: batched unless the model "
-        "has a draft model",
+        description="batched (experimental): many sequences per llama_decode (concurrent "
+        "streams, n > 1); simple: one sequence at a time; auto: simple for now",
     )
     slots: int = Field(8, ge=1, le=64, description="sequences the batched engine runs at once")
     prefill_chunk: int = Field(
