@@ -23,7 +23,8 @@ from server.store import ModelStore
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Path, ModelConfig], Engine]
+# Called as factory(path, cfg), plus draft=(path, cfg) when the model names a draft model.
+EngineFactory = Callable[..., Engine]
 
 
 def estimate_footprint(file_bytes: int, cfg: ModelConfig) -> int:
@@ -86,9 +87,18 @@ class ModelManager:
         try:
             path = await asyncio.to_thread(self.store.pull, cfg)
             need = estimate_footprint(path.stat().st_size, cfg)
+            extra: dict[str, tuple[Path, ModelConfig]] = {}
+            if cfg.draft is not None:
+                # The draft is part of this model: fetched, budgeted and loaded with it, and its
+                # cache spans the target's context.
+                draft_cfg = self.config(cfg.draft)
+                draft_path = await asyncio.to_thread(self.store.pull, draft_cfg)
+                sized = draft_cfg.model_copy(update={"n_ctx": cfg.n_ctx})
+                need += estimate_footprint(draft_path.stat().st_size, sized)
+                extra["draft"] = (draft_path, draft_cfg)
             await self._make_room(cfg.name, need)
             t0 = time.perf_counter()
-            engine = await asyncio.to_thread(self._engine_factory, path, cfg)
+            engine = await asyncio.to_thread(self._engine_factory, path, cfg, **extra)
             load_s = time.perf_counter() - t0
         except Exception as e:
             self.load_errors[cfg.name] = str(e)

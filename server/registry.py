@@ -12,11 +12,20 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from server.errors import ConfigError
 
 KvCacheType = Literal["f16", "q8_0", "q4_0"]
+SpeculativeMode = Literal["off", "prompt_lookup", "draft"]
 FimFamily = Literal["qwen", "starcoder", "deepseek", "codellama", "codegemma"]
 
 
@@ -80,8 +89,38 @@ class ModelDefaults(_Strict):
     n_batch: int = Field(512, gt=0)
     n_threads: int | None = Field(None, gt=0, description="CPU threads; all cores when unset")
     n_gpu_layers: int = Field(-1, ge=-1, description="-1: every layer when the build has a GPU")
-    kv_cache: KvCacheType = "f16"
-    flash_attn: bool = False
+    # q8_0: 0.53x the f16 bytes at no measurable perplexity cost (bench/kvcache.py), and with
+    # the flash attention it needs, llama.cpp's CPU attention stops switching kernels with batch
+    # shape, so speculative and plain greedy output agree exactly (server/engine/speculative.py).
+    kv_cache: KvCacheType = "q8_0"
+    flash_attn: bool = Field(
+        False,
+        description="turned on unless set: by a quantized KV cache (llama.cpp needs it for a "
+        "quantized V cache) and by speculative decoding (exact verification, see "
+        "server/engine/speculative.py)",
+    )
+    speculative: SpeculativeMode | None = Field(
+        None,
+        description='default speculative decoding for requests that do not choose: "draft" '
+        'when the model names a draft, else "off"',
+    )
+    draft_max: int = Field(16, ge=1, le=32, description="most tokens drafted per target pass (K)")
+    draft_adaptive: bool = Field(
+        True, description="choose K per pass from the acceptance rate; false: always draft_max"
+    )
+
+    @field_validator("flash_attn")
+    @classmethod
+    def _flash_attn_for_quantized_v(cls, v: bool, info: ValidationInfo) -> bool:
+        # Runs only for a value written in the file: an explicit false cannot be honoured.
+        kv = info.data.get("kv_cache", "f16")
+        if not v and kv != "f16":
+            raise ValueError(
+                f'false cannot be combined with kv_cache = "{kv}": llama.cpp implements a '
+                "quantized V cache only in its flash-attention kernels; remove flash_attn (it "
+                'is then turned on) or use kv_cache = "f16"'
+            )
+        return v
 
 
 class ModelConfig(ModelDefaults):
@@ -98,9 +137,19 @@ class ModelConfig(ModelDefaults):
         "ids a conversion left out: tokenizer.ggml.fim_pre_token_id = 123",
     )
 
+    @property
+    def speculative_mode(self) -> SpeculativeMode:
+        if self.speculative is not None:
+            return self.speculative
+        return "draft" if self.draft else "off"
+
     def model_post_init(self, _context: object) -> None:
-        # A quantized V cache is only implemented in llama.cpp's flash-attention kernels.
-        if self.kv_cache != "f16" and not self.flash_attn:
+        if "flash_attn" in self.model_fields_set:
+            return  # written in the file, and checked against kv_cache by its validator
+        # A quantized V cache is only implemented in llama.cpp's flash-attention kernels; and
+        # only with flash attention does a batch compute each row as a lone token would, which
+        # speculation needs to reproduce plain greedy output exactly.
+        if self.kv_cache != "f16" or self.speculative_mode != "off":
             object.__setattr__(self, "flash_attn", True)
 
 
@@ -131,7 +180,8 @@ def _describe(err: ValidationError, prefix: str) -> str:
             for part in loc.split(".")
             if part not in ("LocalSource", "HuggingFaceSource", "PyPISource")
         )
-        lines.append(f"{prefix}{'.' + loc if loc else ''}: {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{prefix}{'.' + loc if loc else ''}: {msg}")
     return "\n".join(dict.fromkeys(lines))
 
 
@@ -174,6 +224,11 @@ def parse_registry(raw: dict, path: Path) -> Registry:
             problems.append(f'models."{m.name}".draft: names no model: "{m.draft}"')
         if m.draft == m.name:
             problems.append(f'models."{m.name}".draft: a model cannot be its own draft')
+        if m.speculative == "draft" and m.draft is None:
+            problems.append(
+                f'models."{m.name}".speculative: "draft" needs a draft model (draft = "NAME") '
+                'with the same vocabulary; or use "prompt_lookup"'
+            )
     default_model = raw.get("default_model")
     if not isinstance(default_model, str):
         problems.append(

@@ -2,7 +2,9 @@
 
 It reuses the KV cache of the longest common prefix with the previous request (``Llama.generate``
 does the matching), asks llama.cpp for the last row of logits only, and reads that row itself when
-logprobs are requested instead of turning on ``logits_all`` (n_ctx × vocab floats).
+logprobs are requested instead of turning on ``logits_all`` (n_ctx × vocab floats). Greedy
+requests may decode speculatively (``server.engine.speculative``), from prompt lookup or from a
+draft model loaded alongside.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from server.engine.base import (
     FinishReason,
     GenerationRequest,
     ModelInfo,
+    SamplingParams,
     Timings,
     TokenLogprob,
 )
 from server.engine.devices import list_devices, report_load
+from server.engine.drafters import DraftModel, check_same_vocabulary
 from server.engine.fim import detect_fim
+from server.engine.speculative import RunStats, SpeculativeDecoder, Step
 from server.engine.text import TextReleaser
-from server.errors import ModelUnavailable
+from server.errors import InvalidRequest, ModelUnavailable
 from server.registry import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -48,10 +53,14 @@ def _available_cores() -> int:
 class LlamaEngine:
     slots = 1
 
-    def __init__(self, path: Path, cfg: ModelConfig):
+    def __init__(
+        self, path: Path, cfg: ModelConfig, *, draft: tuple[Path, ModelConfig] | None = None
+    ):
         import llama_cpp
 
         self._lib = llama_cpp
+        self.cfg = cfg
+        _log_flash_attn(cfg)
         kv_type = {
             "f16": llama_cpp.GGML_TYPE_F16,
             "q8_0": llama_cpp.GGML_TYPE_Q8_0,
@@ -76,8 +85,17 @@ class LlamaEngine:
             )
         except (ValueError, RuntimeError) as e:
             raise ModelUnavailable(
-                f"model {cfg.name!r}: llama.cpp could not load {path}: {e}"
+                f"model {cfg.name!r}: llama.cpp could not load {path} with n_ctx={cfg.n_ctx} "
+                f"kv_cache={cfg.kv_cache} flash_attn={cfg.flash_attn} "
+                f"n_gpu_layers={cfg.n_gpu_layers}: {e}"
             ) from e
+        try:
+            self._draft = self._load_draft(draft, threads) if draft else None
+        except BaseException:
+            self.llm.close()
+            raise
+        self._spec = SpeculativeDecoder(cfg.name, self.llm, self._draft)
+        self.last_run = RunStats()
         model = self.llm._model
         self._vocab = model.vocab
         self._n_vocab = self.llm.n_vocab()
@@ -89,8 +107,10 @@ class LlamaEngine:
             chat_template=cfg.chat_template or self.llm.metadata.get("tokenizer.chat_template"),
             bos_token=model.token_get_text(bos) if bos != -1 else "",
             eos_token=model.token_get_text(eos) if eos != -1 else "",
-            size_bytes=path.stat().st_size,
-            kv_cache_bytes=self._kv_cache_bytes(cfg.kv_cache),
+            # A draft model is part of this one: its file and cache count towards its memory.
+            size_bytes=path.stat().st_size + (draft[0].stat().st_size if draft else 0),
+            kv_cache_bytes=self._kv_cache_bytes(self.llm, cfg.kv_cache)
+            + (self._kv_cache_bytes(self._draft.llm, self._draft.cfg.kv_cache) if draft else 0),
             bos_id=bos if self._add_bos and bos != -1 else None,
             fim=detect_fim(LlamaVocab(self.llm), cfg.fim, cfg.name),
         )
@@ -103,7 +123,8 @@ class LlamaEngine:
             llama_cpp.llama_supports_gpu_offload(),
         )
         log.info(
-            "loaded %s: n_ctx=%d vocab=%d threads=%d kv=%s flash_attn=%s gpu_layers=%d fim=%s",
+            "loaded %s: n_ctx=%d vocab=%d threads=%d kv=%s flash_attn=%s gpu_layers=%d fim=%s "
+            "speculative=%s draft=%s",
             cfg.name,
             self.info.n_ctx,
             self._n_vocab,
@@ -112,10 +133,20 @@ class LlamaEngine:
             cfg.flash_attn,
             cfg.n_gpu_layers,
             self.info.fim.family if self.info.fim else "none",
+            cfg.speculative_mode,
+            self._draft.cfg.name if self._draft else "none",
         )
 
-    def _kv_cache_bytes(self, kv_cache: str) -> int:
-        lib, model, meta = self._lib, self.llm.model, self.llm.metadata
+    def _load_draft(self, draft: tuple[Path, ModelConfig], threads: int) -> DraftModel:
+        path, dcfg = draft
+        check_same_vocabulary(self.cfg.name, self.llm, dcfg.name, path)
+        return DraftModel.load(path, dcfg, self.llm.n_ctx(), threads)
+
+    @staticmethod
+    def _kv_cache_bytes(llm, kv_cache: str) -> int:
+        import llama_cpp as lib
+
+        model, meta = llm.model, llm.metadata
         arch = meta.get("general.architecture", "")
         n_head = lib.llama_model_n_head(model)
         head_dim = lib.llama_model_n_embd(model) // max(n_head, 1)
@@ -124,7 +155,7 @@ class LlamaEngine:
         per_token = (
             lib.llama_model_n_layer(model) * lib.llama_model_n_head_kv(model) * (k_dim + v_dim)
         )
-        return int(per_token * self.llm.n_ctx() * KV_BYTES_PER_ELEMENT[kv_cache])
+        return int(per_token * llm.n_ctx() * KV_BYTES_PER_ELEMENT[kv_cache])
 
     # -- vocabulary --------------------------------------------------------------------------
 
@@ -161,6 +192,7 @@ class LlamaEngine:
         self, index: int, req: GenerationRequest, seed: int, cancelled: Callable[[], bool]
     ) -> Iterator[Event]:
         t0 = time.perf_counter()
+        plan = self._speculation(req)
         s = req.sampling
         if s.seed is not None and s.temperature > 0:
             # llama.cpp's logits depend on how the prompt was split into batches (measured: up to
@@ -169,30 +201,31 @@ class LlamaEngine:
             self.llm.reset()
         cached = _common_prefix(self.llm.input_ids[: self.llm.n_tokens], req.prompt)
         releaser = TextReleaser(req.stop)
-        completion = 0
+        completion = accepted = 0
         reason: FinishReason = "length"
         t_first = t0
-        self.llm.set_seed(seed)
-        gen = self.llm.generate(
-            req.prompt,
-            temp=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            repeat_penalty=s.repeat_penalty,
-            frequency_penalty=s.frequency_penalty,
-            presence_penalty=s.presence_penalty,
-            reset=True,
-        )
+        stats = self.last_run = RunStats()  # kept for benchmarks: K per pass
+        if plan is None:
+            steps = self._plain_steps(req, seed)
+        else:
+            mode, k_max = plan
+            adaptive = self.cfg.draft_adaptive
+            steps = self._spec.run(req.prompt, mode, k_max, adaptive, req.max_tokens, stats)
         try:
-            for token in gen if req.max_tokens > 0 else ():
+            for step in steps if req.max_tokens > 0 else ():
+                token = step.token
                 if completion == 0:
                     t_first = time.perf_counter()
                 if self._is_end_of_generation(token):
                     reason = "stop"
                     break
                 completion += 1
-                lp = self._logprob(token, req.logprobs) if req.logprobs is not None else None
+                accepted += step.drafted
+                lp = (
+                    self._logprob(token, req.logprobs, step.logits)
+                    if req.logprobs is not None
+                    else None
+                )
                 out = releaser.push(token, self.piece(token), lp)
                 if out:
                     yield Delta(index, out.text, tuple(out.token_ids), tuple(out.logprobs))
@@ -207,7 +240,7 @@ class LlamaEngine:
                     reason = "cancelled"
                     break
         finally:
-            gen.close()
+            steps.close()
         tail = releaser.finish()
         if tail:
             yield Delta(index, tail.text, tuple(tail.token_ids), tuple(tail.logprobs))
@@ -221,14 +254,55 @@ class LlamaEngine:
                 completion_tokens=completion,
                 prompt_ms=(t_first - t0) * 1e3,
                 decode_ms=(t_end - t_first) * 1e3,
-                target_passes=completion,  # one forward pass per token without speculation
+                drafted=stats.drafted,
+                accepted=accepted,
+                # Without speculation: one forward pass per token.
+                target_passes=stats.passes if plan is not None else completion,
             ),
         )
 
-    def _logprob(self, token: int, top_n: int) -> TokenLogprob:
-        # The row of the decode step that produced `token` is still in the context: Llama.generate
-        # evaluates the token only after the consumer asks for the next one.
-        row = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self._n_vocab,))
+    def _speculation(self, req: GenerationRequest) -> tuple[str, int] | None:
+        """(mode, K at most) when this request decodes speculatively, else None."""
+        mode = req.speculation.mode or self.cfg.speculative_mode
+        if mode == "off":
+            return None
+        if mode == "draft" and self._draft is None:
+            raise InvalidRequest(
+                f"model {self.cfg.name!r} has no draft model, so it cannot decode with "
+                'speculative = "draft"; name one in models.toml (draft = "NAME") or use '
+                '"prompt_lookup"',
+                param="speculative",
+            )
+        # Only greedy output is verified; sampled requests decode plainly (see speculative.py).
+        if not _is_greedy(req.sampling) or not req.prompt:
+            return None
+        return mode, req.speculation.max_draft or self.cfg.draft_max
+
+    def _plain_steps(self, req: GenerationRequest, seed: int) -> Iterator[Step]:
+        s = req.sampling
+        self.llm.set_seed(seed)
+        gen = self.llm.generate(
+            req.prompt,
+            temp=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            repeat_penalty=s.repeat_penalty,
+            frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty,
+            reset=True,
+        )
+        try:
+            for token in gen:
+                yield Step(token, None)
+        finally:
+            gen.close()
+
+    def _logprob(self, token: int, top_n: int, row: np.ndarray | None = None) -> TokenLogprob:
+        if row is None:
+            # The row of the decode step that produced `token` is still in the context:
+            # Llama.generate evaluates the token only after the consumer asks for the next one.
+            row = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self._n_vocab,))
         m = float(row.max())
         logz = m + float(np.log(np.exp(row - m).sum()))
         top: dict[str, float] = {}
@@ -243,7 +317,35 @@ class LlamaEngine:
         )
 
     def close(self) -> None:
+        self._spec.close()
         self.llm.close()
+
+
+def _is_greedy(s: SamplingParams) -> bool:
+    return (
+        s.temperature == 0
+        and s.repeat_penalty == 1
+        and s.frequency_penalty == 0
+        and s.presence_penalty == 0
+    )
+
+
+def _log_flash_attn(cfg: ModelConfig) -> None:
+    explicit = "flash_attn" in cfg.model_fields_set
+    if cfg.flash_attn and not explicit:
+        why = (
+            f"llama.cpp needs it for a quantized ({cfg.kv_cache}) V cache"
+            if cfg.kv_cache != "f16"
+            else "speculative decoding verifies drafts exactly with it"
+        )
+        log.info("%s: flash attention turned on: %s", cfg.name, why)
+    elif not cfg.flash_attn and cfg.speculative_mode != "off":
+        log.warning(
+            "%s: flash_attn = false: speculative greedy output can differ from plain decoding "
+            "where the top two tokens nearly tie (without flash attention llama.cpp computes a "
+            "row inside a batch slightly differently from a lone token)",
+            cfg.name,
+        )
 
 
 class LlamaVocab:
