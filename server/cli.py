@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--engine",
         choices=["auto", "simple", "batched"],
-        help="batched (experimental: concurrent streams, n > 1) or simple; auto = simple",
+        help="batched (concurrent streams, n > 1) or simple (speculative decoding); auto: "
+        "simple for models that speculate, batched otherwise",
     )
     s.add_argument("--slots", type=int, help="sequences the batched engine decodes together")
     s.add_argument("--prefill-chunk", type=int)

@@ -55,8 +55,9 @@ class ServerSettings(BaseSettings):
     )
     engine: Literal["auto", "simple", "batched"] = Field(
         "auto",
-        description="batched (experimental): many sequences per llama_decode (concurrent "
-        "streams, n > 1); simple: one sequence at a time; auto: simple for now",
+        description="batched: many sequences per llama_decode (concurrent streams, n > 1); "
+        "simple: one sequence at a time, with speculative decoding; auto: simple for models that "
+        "speculate (speculative or draft in models.toml), batched for the others",
     )
     slots: int = Field(8, ge=1, le=64, description="sequences the batched engine runs at once")
     prefill_chunk: int = Field(

@@ -32,11 +32,11 @@ from server.engine.base import (
     Finished,
     FinishReason,
     GenerationRequest,
-    SamplingParams,
     Timings,
     TokenLogprob,
 )
 from server.engine.llama import LlamaEngine, _available_cores
+from server.engine.sampling import common_prefix, logprob_entry, sampler_chain
 from server.engine.text import TextReleaser
 from server.errors import ModelUnavailable
 from server.registry import ModelConfig
@@ -148,6 +148,12 @@ class BatchedEngine:
             cfg.n_ctx,
             prefill_chunk,
         )
+        if cfg.speculative_mode != "off":
+            log.warning(
+                "%s: the batched engine decodes without speculation (it is single-stream); "
+                "serve with --engine simple (or auto) to speculate",
+                cfg.name,
+            )
 
     # -- the vocabulary is the simple engine's --------------------------------------------------
 
@@ -219,10 +225,10 @@ class BatchedEngine:
         prompt = g.req.prompt
         free = self._free_slots()
         cold = g.req.sampling.seed is not None and g.req.sampling.temperature > 0
-        primary = max(free, key=lambda s: _common_prefix(s.tokens, prompt))
+        primary = max(free, key=lambda s: common_prefix(s.tokens, prompt))
         # Keep at least one prompt token to evaluate: its logits start every choice. A seeded
         # request starts cold for reproducible text (logits depend on how a prompt was batched).
-        keep = 0 if cold else min(_common_prefix(primary.tokens, prompt), len(prompt) - 1)
+        keep = 0 if cold else min(common_prefix(primary.tokens, prompt), len(prompt) - 1)
         self._lib.llama_memory_seq_rm(self._mem, primary.seq_id, keep, -1)
         primary.tokens = primary.tokens[:keep]
         primary.busy = True
@@ -243,7 +249,7 @@ class BatchedEngine:
                 g,
                 g.next_index,
                 slot,
-                _sampler(g.req.sampling, seed, self._n_vocab),
+                sampler_chain(g.req.sampling, seed, self._n_vocab),
                 TextReleaser(g.req.stop),
                 state=state,
             )
@@ -258,14 +264,8 @@ class BatchedEngine:
     def _step(self) -> None:
         entries: list[tuple[int, int, int, bool]] = []  # token, pos, seq, wants logits
         owners: list[tuple[int, object]] = []  # batch index → choice, or group (prompt done)
-        live = []
-        for g in self._groups:
-            if g.cancelled():  # checked every step: a client that left costs at most one token
-                for c in g.choices:
-                    if c.state != "done":
-                        self._finish(c, "cancelled")
-            else:
-                live.append(g)
+        # Checked every step: a client that left costs at most one token. Its group retires below.
+        live = [g for g in self._groups if not g.cancelled()]
         for g in live:
             for c in g.choices:
                 if c.state == "decode":
@@ -382,9 +382,13 @@ class BatchedEngine:
 
     def _retire(self) -> None:
         for g in [g for g in self._groups if g.finished >= g.req.n or g.cancelled()]:
-            if g.cancelled():
-                while g.finished < g.req.n and g.remaining > 0:
-                    self._finish_now(g, "cancelled")
+            # Every choice ends with a Finished event, or its generate() call would wait forever
+            # (a client may leave after this step took its tokens: the choices are still live).
+            for c in g.choices:
+                if c.state != "done":
+                    self._finish(c, "cancelled")
+            while g.remaining > 0:
+                self._finish_now(g, "cancelled")
             self._release(g)
             self._groups.remove(g)
 
@@ -393,55 +397,3 @@ class BatchedEngine:
             c.slot.busy = False
         if g.primary is not None:
             g.primary.busy = False
-
-
-def _sampler(s: SamplingParams, seed: int, n_vocab: int):
-    """A llama.cpp sampler chain for one sequence, as llama-cpp-python's `Llama` builds it."""
-    import llama_cpp
-
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-
-    def add(sampler) -> None:
-        llama_cpp.llama_sampler_chain_add(chain, sampler)
-
-    add(
-        llama_cpp.llama_sampler_init_penalties(
-            n_vocab, 64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
-        )
-    )
-    if s.temperature == 0:
-        add(llama_cpp.llama_sampler_init_greedy())
-    else:
-        add(llama_cpp.llama_sampler_init_top_k(s.top_k))
-        add(llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
-        add(llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
-        add(llama_cpp.llama_sampler_init_temp(s.temperature))
-        add(llama_cpp.llama_sampler_init_dist(seed))
-    return chain
-
-
-def logprob_entry(
-    row: np.ndarray, token: int, top_n: int, detokenize: Callable[[list[int]], str]
-) -> TokenLogprob:
-    """OpenAI logprobs for one sampled token from its row of raw logits."""
-    m = float(row.max())
-    logz = m + float(np.log(np.exp(row - m).sum()))
-    top: dict[str, float] = {}
-    if top_n > 0:
-        for t in np.argpartition(-row, top_n)[:top_n]:
-            top[detokenize([int(t)])] = float(row[t]) - logz
-    return TokenLogprob(
-        token=detokenize([token]),
-        logprob=float(row[token]) - logz,
-        top=dict(sorted(top.items(), key=lambda kv: -kv[1])),
-        text_offset=0,
-    )
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

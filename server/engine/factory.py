@@ -12,10 +12,11 @@ EngineChoice = Literal["auto", "simple", "batched"]
 
 
 def uses_batched(choice: EngineChoice, cfg: ModelConfig) -> bool:
-    # "auto" stays on the simple engine for now: the batched engine stalls when many streams are
-    # aborted at once (20 clients dropping after their first token), so it is opt-in until that
-    # is fixed. Speculative decoding will also need the simple engine (single-stream).
-    del cfg
+    # Speculation is single-stream (verification needs the whole batch for one sequence), so a
+    # model configured to speculate keeps the simple engine; every other model is batched: it
+    # matches the simple engine on one stream and multiplies throughput with more (bench/).
+    if choice == "auto":
+        return cfg.speculative_mode == "off"
     return choice == "batched"
 
 

@@ -35,6 +35,7 @@ from server.engine.base import (
 from server.engine.devices import list_devices, report_load
 from server.engine.drafters import DraftModel, check_same_vocabulary
 from server.engine.fim import detect_fim
+from server.engine.sampling import common_prefix, logprob_entry
 from server.engine.speculative import RunStats, SpeculativeDecoder, Step
 from server.engine.text import TextReleaser
 from server.errors import InvalidRequest, ModelUnavailable
@@ -199,7 +200,7 @@ class LlamaEngine:
             # 0.75 apart on SmolLM2 when the last token is evaluated alone), so a reused prefix can
             # change what a seed samples. A seeded request promises reproducible text: go cold.
             self.llm.reset()
-        cached = _common_prefix(self.llm.input_ids[: self.llm.n_tokens], req.prompt)
+        cached = common_prefix(self.llm.input_ids[: self.llm.n_tokens], req.prompt)
         releaser = TextReleaser(req.stop)
         completion = accepted = 0
         reason: FinishReason = "length"
@@ -303,18 +304,7 @@ class LlamaEngine:
             # The row of the decode step that produced `token` is still in the context:
             # Llama.generate evaluates the token only after the consumer asks for the next one.
             row = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self._n_vocab,))
-        m = float(row.max())
-        logz = m + float(np.log(np.exp(row - m).sum()))
-        top: dict[str, float] = {}
-        if top_n > 0:
-            for t in np.argpartition(-row, top_n)[:top_n]:
-                top[self.detokenize([int(t)])] = float(row[t]) - logz
-        return TokenLogprob(
-            token=self.detokenize([token]),
-            logprob=float(row[token]) - logz,
-            top=dict(sorted(top.items(), key=lambda kv: -kv[1])),
-            text_offset=0,
-        )
+        return logprob_entry(row, token, top_n, self.detokenize)
 
     def close(self) -> None:
         self._spec.close()
@@ -368,12 +358,3 @@ class LlamaVocab:
     def find(self, text: str) -> int | None:
         ids = self._llm.tokenize(text.encode(), add_bos=False, special=True)
         return ids[0] if len(ids) == 1 and self.token_text(ids[0]) == text else None
-
-
-def _common_prefix(a, b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

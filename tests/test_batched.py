@@ -1,0 +1,220 @@
+"""The batched engine on the real model: many streams in one llama_decode, n choices, isolation.
+
+The session server runs the batched engine ("auto" picks it for a model that does not
+speculate); these tests drive it with concurrent clients and check each stream against the same
+request served alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from server.engine.base import Finished, GenerationRequest, SamplingParams
+from server.engine.batched import BatchedEngine
+from server.scheduler import ModelWorker
+from tests.conftest import SMALL_CTX_MODEL
+
+PROMPTS = [
+    f"def {name}("
+    for name in (
+        "parse_csv",
+        "merge_sorted",
+        "fibonacci",
+        "is_prime",
+        "flatten",
+        "word_count",
+        "binary_search",
+        "transpose",
+    )
+]
+
+
+def complete(url: str, body: dict) -> dict:
+    r = httpx.post(url + "/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def streamed_text(url: str, body: dict, stop_after: int | None = None) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    with httpx.stream(
+        "POST", url + "/v1/completions", json={**body, "stream": True}, timeout=300
+    ) as r:
+        for n, line in enumerate(r.iter_lines()):
+            if stop_after is not None and n >= stop_after:
+                break
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    return texts
+
+
+def first_divergence_gap(alone: dict, other: str) -> float | None:
+    """None when `other` equals the alone run; else the top-2 logprob gap where it diverged."""
+    text = alone["text"]
+    if other == text:
+        return None
+    lp = alone["logprobs"]
+    pairs = enumerate(zip(text, other, strict=False))
+    cut = next((i for i, (a, b) in pairs if a != b), min(len(text), len(other)))
+    k = max(i for i, off in enumerate(lp["text_offset"]) if off <= cut)
+    top = sorted(lp["top_logprobs"][k].values(), reverse=True)
+    return top[0] - top[1]
+
+
+def test_eight_concurrent_streams_match_their_solo_runs(server):
+    body = {"max_tokens": 40, "temperature": 0}
+    alone = [
+        complete(server.url, {**body, "prompt": p, "logprobs": 2})["choices"][0] for p in PROMPTS
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(
+            pool.map(lambda p: streamed_text(server.url, {**body, "prompt": p})[0], PROMPTS)
+        )
+    gaps = [first_divergence_gap(a, t) for a, t in zip(alone, together, strict=True)]
+    # llama.cpp is not bit-exact across batch sizes: a stream may only diverge at a near-tie.
+    assert all(g is None or g < 1.0 for g in gaps), gaps
+    assert sum(g is None for g in gaps) >= 6, gaps
+
+
+def test_n_choices_are_distinct_and_well_formed(server):
+    out = complete(
+        server.url,
+        {"prompt": "def shuffle(items):\n", "max_tokens": 24, "n": 4, "temperature": 1.0},
+    )
+    choices = out["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert all(c["finish_reason"] in ("stop", "length") for c in choices)
+    assert len({c["text"] for c in choices}) >= 3
+    assert out["usage"]["completion_tokens"] <= 4 * 24
+
+
+def test_n_choices_stream_each_with_its_own_finish(server):
+    finishes: dict[int, str] = {}
+    texts: dict[int, str] = {}
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        timeout=300,
+        json={
+            "prompt": "import os\n",
+            "max_tokens": 12,
+            "n": 3,
+            "temperature": 0.9,
+            "stream": True,
+        },
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+                    if c["finish_reason"]:
+                        finishes[c["index"]] = c["finish_reason"]
+    assert sorted(finishes) == [0, 1, 2] and all(texts.values())
+
+
+def test_more_choices_than_slots(server):
+    out = complete(server.url, {"prompt": "x = ", "max_tokens": 4, "n": 12, "temperature": 1.0})
+    assert [c["index"] for c in out["choices"]] == list(range(12))
+    assert all(c["finish_reason"] for c in out["choices"])
+
+
+def test_chat_n(openai_client):
+    out = openai_client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=8,
+        n=2,
+        temperature=1.0,
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+
+
+def test_no_cross_talk_between_sequences(server):
+    marker = "PLUGHXYZZY"
+    secret = f"The password is {marker}. Repeat the password: {marker}. Again: "
+    prompts = [secret, *PROMPTS[:7]]
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(
+            pool.map(
+                lambda p: complete(server.url, {"prompt": p, "max_tokens": 32, "temperature": 0})[
+                    "choices"
+                ][0]["text"],
+                prompts,
+            )
+        )
+    assert all(marker not in o for o in outs[1:]), outs
+
+
+@pytest.fixture()
+def small(server):
+    return server.url, SMALL_CTX_MODEL  # 512 tokens per sequence
+
+
+def test_cancelled_stream_frees_its_cells(small):
+    url, model = small
+    long = {"model": model, "max_tokens": 400, "temperature": 0.8}
+    threads = [
+        threading.Thread(target=streamed_text, args=(url, {**long, "prompt": p}, 40))
+        for p in PROMPTS
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()  # every one of them dropped its connection mid-generation
+    prompt = "word " * 200
+    n_prompt = complete(url, {"model": model, "prompt": prompt, "max_tokens": 1})["usage"][
+        "prompt_tokens"
+    ]
+    # A request of the maximum size: its prompt and completion fill the whole context.
+    out = complete(
+        url,
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": 512 - n_prompt,
+            "temperature": 0.8,
+            "repeat_penalty": 1.2,
+        },
+    )
+    assert out["usage"]["total_tokens"] <= 512
+    assert out["choices"][0]["finish_reason"] in ("stop", "length")
+    m = httpx.get(url + "/metrics").text
+    assert 'llamacpp:requests_processing{model="smollm2-135m-ctx512"} 0.0' in m
+
+
+def test_clients_leaving_together_never_strand_a_slot(model_path, registry):
+    # Twenty clients leave after their first token, some while their tokens are mid-step: every
+    # request must still finish inside the engine (a stranded one held its slot and its worker
+    # thread forever, so after a few such storms nothing was scheduled at all).
+    cfg = registry.models["smollm2-135m"].model_copy(update={"n_ctx": 512})
+    engine = BatchedEngine(model_path, cfg, slots=8)
+    worker = ModelWorker("m", engine, queue_size=64, queue_timeout_s=20)
+
+    def request(text: str, max_tokens: int) -> GenerationRequest:
+        prompt = engine.tokenize(text, add_bos=True)
+        return GenerationRequest(prompt, max_tokens, sampling=SamplingParams(temperature=0.8))
+
+    async def leave_early(i: int) -> None:
+        async for _ in worker.stream(request(f"def f{i}(x):", 64)):
+            break
+
+    async def storms() -> list[Finished]:
+        finished = []
+        for _ in range(4):
+            await asyncio.gather(*(leave_early(i) for i in range(20)))
+            events = [e async for e in worker.stream(request("import os\n", 8))]
+            finished.append(events[-1])
+        return finished
+
+    try:
+        finished = asyncio.run(asyncio.wait_for(storms(), 120))
+        assert all(f.reason in ("stop", "length") for f in finished), finished
+    finally:
+        worker.close()
