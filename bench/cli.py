@@ -31,8 +31,13 @@ def add_parser(sub) -> None:
     b.add_argument("--rounds", type=int)
     b.add_argument(
         "--kv-types",
-        default="q8_0,q4_0",
-        help="extra codeserve variants with these KV cache types ('' for none)",
+        help="extra codeserve variants with these KV cache types ('' for none; default: the "
+        "types other than the model's)",
+    )
+    b.add_argument(
+        "--no-speculation",
+        action="store_true",
+        help="skip the prompt-lookup speculation variant",
     )
     b.add_argument("--quant-dir", type=Path, help="also measure every *.gguf in this directory")
     b.add_argument("--out", type=Path, help=f"results directory (default {RESULTS})")
@@ -71,8 +76,13 @@ def cmd_suite(args: argparse.Namespace) -> None:
         plan.rounds = args.rounds
     variants: dict[str, dict] = {}
     if not args.quick:
-        for kv in filter(None, args.kv_types.split(",")):
+        kv_types = args.kv_types
+        if kv_types is None:
+            kv_types = ",".join(k for k in ("f16", "q8_0", "q4_0") if k != t.kv_cache)
+        for kv in filter(None, kv_types.split(",")):
             variants[f"{t.name}@kv-{kv}"] = {"kv_cache": kv}
+        if not args.no_speculation:
+            variants[f"{t.name}@prompt-lookup"] = {"speculative": "prompt_lookup"}
         for gguf in sorted(args.quant_dir.glob("*.gguf")) if args.quant_dir else []:
             variants[gguf.stem] = {"path": str(gguf)}
     missing = [p for p in peers if p == "llama-server" and not binary]

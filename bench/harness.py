@@ -6,6 +6,7 @@ same model file, context and thread count, so only the serving stack differs.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from server.engine.base import ggml_kv_type
 
 
 def free_port() -> int:
@@ -54,6 +57,7 @@ class Target:
     threads: int
     n_batch: int = 512
     kv_cache: str = "f16"
+    flash_attn: bool = False
 
 
 @contextmanager
@@ -86,14 +90,17 @@ def _ok(url: str) -> bool:
 def _codeserve_registry(t: Target, variants: dict[str, dict]) -> Path:
     lines = [f'default_model = "{t.name}"', ""]
     for name, over in {t.name: {}, **variants}.items():
-        path = over.get("path", t.path)
+        settings = {
+            "n_ctx": t.n_ctx,
+            "n_batch": t.n_batch,
+            "n_threads": t.threads,
+            "kv_cache": t.kv_cache,
+            **{k: v for k, v in over.items() if k != "path"},
+        }
         lines += [
             f'[models."{name}"]',
-            f'source = {{ path = "{path}" }}',
-            f"n_ctx = {t.n_ctx}",
-            f"n_batch = {t.n_batch}",
-            f"n_threads = {t.threads}",
-            f'kv_cache = "{over.get("kv_cache", t.kv_cache)}"',
+            f'source = {{ path = "{over.get("path", t.path)}" }}',
+            *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),  # JSON scalars are TOML
             "",
         ]
     fd, path = tempfile.mkstemp(prefix="bench-models-", suffix=".toml")
@@ -145,6 +152,12 @@ def llama_cpp_python_server(t: Target) -> Iterator[str]:
         str(t.threads),
         "--n_batch",
         str(t.n_batch),
+        "--type_k",
+        str(ggml_kv_type(t.kv_cache)),
+        "--type_v",
+        str(ggml_kv_type(t.kv_cache)),
+        "--flash_attn",
+        str(t.flash_attn),
     ]
     with _process(cmd, f"http://127.0.0.1:{port}", "/v1/models", "llama-cpp-python") as url:
         yield url
@@ -174,6 +187,12 @@ def llama_server(t: Target, binary: str, slots: int = 8) -> Iterator[str]:
         str(t.threads),
         "-b",
         str(t.n_batch),
+        "-ctk",
+        t.kv_cache,
+        "-ctv",
+        t.kv_cache,
+        "-fa",
+        "on" if t.flash_attn else "off",
         "--no-webui",
     ]
     with _process(cmd, f"http://127.0.0.1:{port}", "/health", "llama-server") as url:
@@ -214,6 +233,5 @@ def target(model: str | None = None) -> Target:
     registry = load_registry(settings.models_file)
     cfg = registry.models[model or registry.default_model]
     path = ModelStore(registry, settings.cache_dir).pull(cfg)
-    return Target(
-        cfg.name, path, cfg.n_ctx, cfg.n_threads or _available_cores(), cfg.n_batch, cfg.kv_cache
-    )
+    threads = cfg.n_threads or _available_cores()
+    return Target(cfg.name, path, cfg.n_ctx, threads, cfg.n_batch, cfg.kv_cache, cfg.flash_attn)

@@ -6,17 +6,14 @@ import time
 
 from bench.client import Sample
 from bench.harness import Target
+from server.engine.base import ggml_kv_type
 
 
 class RawLlama:
     def __init__(self, t: Target):
         import llama_cpp
 
-        type_ = {
-            "f16": llama_cpp.GGML_TYPE_F16,
-            "q8_0": llama_cpp.GGML_TYPE_Q8_0,
-            "q4_0": llama_cpp.GGML_TYPE_Q4_0,
-        }[t.kv_cache]
+        type_ = ggml_kv_type(t.kv_cache)
         self.llm = llama_cpp.Llama(
             str(t.path),
             n_ctx=t.n_ctx,
@@ -26,7 +23,7 @@ class RawLlama:
             n_threads_batch=t.threads,
             type_k=type_,
             type_v=type_,
-            flash_attn=t.kv_cache != "f16",
+            flash_attn=t.flash_attn,
             verbose=False,
         )
 

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.workloads import STOPS, humaneval
+from bench.workloads import REWRITE_STOPS, STOPS, humaneval, rewrite_prompts
 
 
 @contextmanager
@@ -92,20 +92,10 @@ class Prompt:
 
 def workloads(n: int, count_tokens) -> list[Prompt]:
     problems = humaneval()
-    rewrites: list[Prompt] = []
-    for p in problems[::7]:
-        code = (p.prompt + p.canonical_solution).strip()
-        size = count_tokens(code)
-        if size > 320 or p.entry_point not in code:
-            continue
-        new = f"{p.entry_point}_v2"
-        text = (
-            f"Original code:\n```python\n{code}\n```\n\n"
-            f"The same code with `{p.entry_point}` renamed to `{new}`:\n```python\n"
-        )
-        rewrites.append(Prompt("rewrite", text, size + 16, ("```",)))
-        if len(rewrites) == n:
-            break
+    rewrites = [
+        Prompt("rewrite", text, max_tokens, REWRITE_STOPS)
+        for text, max_tokens in rewrite_prompts(n, count_tokens)
+    ]
     completions = [
         Prompt("humaneval", p.prompt, 128, tuple(STOPS)) for p in problems[3 : 3 + 11 * n : 11]
     ]

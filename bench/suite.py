@@ -97,7 +97,7 @@ def run_suite(
                 )
                 res.concurrent.setdefault(peer, {}).setdefault(c, []).append(out["tokens_per_s"])
                 bar.update()
-        variant_figures = _variants(urls.get("codeserve"), variants or {}, plan)
+        variant_figures = _variants(urls.get("codeserve"), t, variants or {}, plan)
         candidates = _candidates(urls.get("codeserve"), t.name, plan)
     bar.close()
     rep = _report(t, peers, plan, res, variant_figures)
@@ -173,26 +173,34 @@ def _candidates(url: str | None, model: str, plan: Plan) -> dict:
     }
 
 
-def _variants(url: str | None, variants: dict[str, dict], plan: Plan) -> dict[str, dict]:
-    """Decode speed and prefill of codeserve per variant (quant rung, KV cache type)."""
+def _variants(url: str | None, t: Target, variants: dict[str, dict], plan: Plan) -> dict[str, dict]:
+    """Decode speed per codeserve variant (quant rung, KV cache type, speculation), next to the
+    model as configured, on HumanEval completions and on code rewrites (which copy their prompt).
+    """
     out: dict[str, dict] = {}
-    if url is None:
+    if url is None or not variants:
         return out
     problems = workloads.humaneval()[: max(1, plan.humaneval_problems // 2)]
-    for name in variants:
-        decode = [
-            client.stream(
-                url,
-                {
-                    "model": name,
-                    "prompt": p.prompt,
-                    "max_tokens": plan.humaneval_tokens,
-                    "temperature": 0,
-                },
-            ).decode_tok_s
-            for p in problems
-        ]
-        out[name] = {"decode_tok_s": summary(decode), **variants[name]}
+    count = raw_tokenizer(t)
+    rewrites = workloads.rewrite_prompts(max(1, plan.humaneval_problems // 2), count)
+    bodies = {
+        "decode_tok_s": [
+            {"prompt": p.prompt, "max_tokens": plan.humaneval_tokens} for p in problems
+        ],
+        "rewrite_decode_tok_s": [
+            {"prompt": text, "max_tokens": n, "stop": list(workloads.REWRITE_STOPS)}
+            for text, n in rewrites
+        ],
+    }
+    runs: dict[str, dict[str, list[float]]] = {name: {} for name in {t.name: {}, **variants}}
+    for _ in range(plan.rounds):  # interleaved, like the peers
+        for name in runs:
+            for figure, batch in bodies.items():
+                for body in batch:
+                    s = client.stream(url, {"model": name, "temperature": 0, **body})
+                    runs[name].setdefault(figure, []).append(s.decode_tok_s)
+    for name, figs in runs.items():
+        out[name] = {k: summary(v) for k, v in figs.items()} | variants.get(name, {})
     return out
 
 

@@ -29,6 +29,7 @@ FIM_EDITS = [
 ]
 
 STOPS = ["\n\n\n", "\ndef ", "\nclass ", "\nif __name__"]
+REWRITE_STOPS = ("```",)
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,25 @@ def long_prompt(n_chars: int, salt: str) -> str:
     """Real Python source (this repository's), unique per salt so no server has it cached."""
     text = "\n".join(p.read_text() for p in sorted((REPO / "server").rglob("*.py")))
     return f"# {salt}\n" + text[:n_chars]
+
+
+def rewrite_prompts(n: int, count_tokens) -> list[tuple[str, int]]:
+    """(prompt, max_tokens) for code rewrites whose answer copies most of the prompt.
+
+    A HumanEval function followed by "the same code with `f` renamed to `f_v2`:" — what
+    prompt-lookup speculation is for. Functions over 320 tokens are skipped.
+    """
+    out = []
+    for p in humaneval()[::7]:
+        code = (p.prompt + p.canonical_solution).strip()
+        size = count_tokens(code)
+        if size > 320 or p.entry_point not in code:
+            continue
+        text = (
+            f"Original code:\n```python\n{code}\n```\n\n"
+            f"The same code with `{p.entry_point}` renamed to `{p.entry_point}_v2`:\n```python\n"
+        )
+        out.append((text, size + 16))
+        if len(out) == n:
+            break
+    return out

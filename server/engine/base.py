@@ -20,6 +20,13 @@ FinishReason = Literal["stop", "length", "cancelled"]
 KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
+def ggml_kv_type(kv_cache: str) -> int:
+    """llama.cpp's GGML_TYPE_* for a `kv_cache` setting ("f16", "q8_0", "q4_0")."""
+    import llama_cpp
+
+    return getattr(llama_cpp, f"GGML_TYPE_{kv_cache.upper()}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0

@@ -34,6 +34,7 @@ from server.engine.base import (
     GenerationRequest,
     Timings,
     TokenLogprob,
+    ggml_kv_type,
 )
 from server.engine.llama import LlamaEngine, _available_cores
 from server.engine.sampling import common_prefix, logprob_entry, sampler_chain
@@ -100,11 +101,7 @@ class BatchedEngine:
         self.slots = slots
         self._prefill_chunk = prefill_chunk
         threads = cfg.n_threads or _available_cores()
-        kv_type = {
-            "f16": llama_cpp.GGML_TYPE_F16,
-            "q8_0": llama_cpp.GGML_TYPE_Q8_0,
-            "q4_0": llama_cpp.GGML_TYPE_Q4_0,
-        }[cfg.kv_cache]
+        kv_type = ggml_kv_type(cfg.kv_cache)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = cfg.n_ctx * slots  # each sequence gets its own n_ctx cells
         params.n_batch = params.n_ubatch = max(cfg.n_batch, slots)

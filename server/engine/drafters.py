@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from server.engine.base import ggml_kv_type
 from server.errors import ModelUnavailable
 from server.registry import ModelConfig
 
@@ -162,7 +163,7 @@ class DraftModel:
     def load(cls, path: Path, cfg: ModelConfig, n_ctx: int, threads: int) -> DraftModel:
         import llama_cpp
 
-        kv_type = getattr(llama_cpp, f"GGML_TYPE_{cfg.kv_cache.upper()}")
+        kv_type = ggml_kv_type(cfg.kv_cache)
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path),

@@ -31,6 +31,7 @@ from server.engine.base import (
     SamplingParams,
     Timings,
     TokenLogprob,
+    ggml_kv_type,
 )
 from server.engine.devices import list_devices, report_load
 from server.engine.drafters import DraftModel, check_same_vocabulary
@@ -62,11 +63,7 @@ class LlamaEngine:
         self._lib = llama_cpp
         self.cfg = cfg
         _log_flash_attn(cfg)
-        kv_type = {
-            "f16": llama_cpp.GGML_TYPE_F16,
-            "q8_0": llama_cpp.GGML_TYPE_Q8_0,
-            "q4_0": llama_cpp.GGML_TYPE_Q4_0,
-        }[cfg.kv_cache]
+        kv_type = ggml_kv_type(cfg.kv_cache)
         threads = cfg.n_threads or _available_cores()
         devices_before = list_devices()
         try:
