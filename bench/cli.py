@@ -26,6 +26,11 @@ def add_parser(sub) -> None:
         help="a one-minute smoke run (codeserve and raw only, one round)",
     )
     b.add_argument("--model", help="registry model to measure (default: the default model)")
+    b.add_argument(
+        "--gguf",
+        type=Path,
+        help="measure this GGUF file instead, with the model's settings (e.g. an F16 build)",
+    )
     b.add_argument("--peers", help=f"comma list from {','.join(PEERS)} (default: all available)")
     b.add_argument("--llama-server", help="path to llama.cpp's llama-server binary")
     b.add_argument("--rounds", type=int)
@@ -64,7 +69,7 @@ def _available_peers(llama_server: str | None) -> list[str]:
 
 
 def cmd_suite(args: argparse.Namespace) -> None:
-    t = target(args.model)
+    t = target(args.model, args.gguf)
     binary = find_llama_server(args.llama_server)
     peers = (
         args.peers.split(",")

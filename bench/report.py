@@ -44,7 +44,7 @@ def markdown(rep: dict) -> str:
     agg = rep["aggregate_tok_s"]
     for c in sorted({int(c) for by in agg.values() for c in by}):
         lines.append(
-            f"| aggregate tokens/s, {c} concurrent streams | "
+            f"| aggregate tokens/s, {c} concurrent streams (short prompt, 128 tokens) | "
             + " | ".join(_fmt(agg.get(p, {}).get(str(c))) for p in peers)
             + " |"
         )

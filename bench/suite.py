@@ -6,7 +6,6 @@ machine hits all sides; medians with min/max; every figure also as a ratio to ea
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,8 +29,8 @@ class Plan:
     humaneval_tokens: int = 128
     prefill_chars: int = 5000
     concurrency: tuple[int, ...] = (1, 2, 4, 8)
-    requests_per_stream: int = 3
-    concurrency_tokens: int = 64
+    requests_per_stream: int = 2
+    concurrency_tokens: int = 128
     candidates: int = 50  # n for "sample many candidates for one problem"
 
     @classmethod
@@ -70,7 +69,7 @@ def run_suite(
     raw = RawLlama(t) if "raw" in peers else None
     res = Results()
     problems = workloads.humaneval()[: plan.humaneval_problems]
-    steps = plan.rounds * len(peers) + len(plan.concurrency) * len(http_peers)
+    steps = plan.rounds * (len(peers) + len(plan.concurrency) * len(http_peers))
     bar = tqdm(total=steps, desc="bench", unit="run", file=sys.stderr)
     with servers(t, http_peers, llama_server_bin, variants) as urls:
         for r in range(plan.rounds):
@@ -80,23 +79,25 @@ def run_suite(
                 run = raw.stream if peer == "raw" else _http(urls[peer], t.name)
                 _single_stream(run, peer, plan, problems, res, raw_tokenizer(t), r)
                 bar.update()
-        for c in plan.concurrency:
-            for peer in random.sample(http_peers, len(http_peers)):
-                bar.set_postfix_str(f"{c} streams {peer}")
-                bodies = [
-                    {
-                        "model": t.name,
-                        "prompt": p.prompt,
-                        "max_tokens": plan.concurrency_tokens,
-                        "temperature": 0,
-                    }
-                    for p in workloads.humaneval()[:16]
-                ]
-                out = client.concurrent_throughput(
-                    urls[peer], bodies, c, c * plan.requests_per_stream
-                )
-                res.concurrent.setdefault(peer, {}).setdefault(c, []).append(out["tokens_per_s"])
-                bar.update()
+        for r in range(plan.rounds):
+            for c in plan.concurrency:
+                for peer in http_peers[r % len(http_peers) :] + http_peers[: r % len(http_peers)]:
+                    bar.set_postfix_str(f"round {r + 1}, {c} streams {peer}")
+                    n = c * plan.requests_per_stream
+                    bodies = [
+                        {
+                            "model": t.name,
+                            "prompt": prompt,
+                            "max_tokens": plan.concurrency_tokens,
+                            "temperature": 0,
+                        }
+                        for prompt in workloads.generation_prompts(n, f"{peer}-{r}-{c}")
+                    ]
+                    out = client.concurrent_throughput(urls[peer], bodies, c, n)
+                    res.concurrent.setdefault(peer, {}).setdefault(c, []).append(
+                        out["tokens_per_s"]
+                    )
+                    bar.update()
         variant_figures = _variants(urls.get("codeserve"), t, variants or {}, plan)
         candidates = _candidates(urls.get("codeserve"), t.name, plan)
     bar.close()

@@ -77,3 +77,18 @@ def rewrite_prompts(n: int, count_tokens) -> list[tuple[str, int]]:
         if len(out) == n:
             break
     return out
+
+
+def generation_prompts(n: int, salt: str) -> list[str]:
+    """Short prompts that ask for long answers: a HumanEval signature to implement.
+
+    Aggregate throughput under concurrency is about generating; each prompt starts with a salt
+    line so no server answers from a prompt cache it built in an earlier round.
+    """
+    problems = humaneval()
+    out = []
+    for i in range(n):
+        p = problems[i % len(problems)]
+        signature = next(line for line in p.prompt.splitlines() if line.startswith("def "))
+        out.append(f"# {salt}-{i}\n{signature}\n")
+    return out

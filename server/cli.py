@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # One line per HTTP call would bury the benchmarks' progress bars.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         args.func(args)
     except (ConfigError, CodeserveError) as e:

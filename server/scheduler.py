@@ -125,8 +125,12 @@ class ModelWorker:
             with self._running_lock:
                 self.running += 1
             try:
-                for event in self.engine.generate(job.request, job.cancel.is_set):
-                    job.emit(event)
+                serve = getattr(self.engine, "serve", None)
+                if serve is not None:  # the engine delivers events from its own thread
+                    serve(job.request, job.cancel.is_set, job.emit)
+                else:
+                    for event in self.engine.generate(job.request, job.cancel.is_set):
+                        job.emit(event)
             except Exception as e:
                 log.exception("generation failed on model %s", self.name)
                 job.emit(e)
