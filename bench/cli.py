@@ -97,6 +97,8 @@ def cmd_suite(args: argparse.Namespace) -> None:
     rep = run_suite(t, peers, plan, binary, variants)
     out = args.out or (Path(tempfile.gettempdir()) / "codeserve-bench" if args.quick else RESULTS)
     stem = f"{time.strftime('%Y-%m-%d')}-{machine.machine_name()}"
+    if args.model or args.gguf:  # the default model's results keep the plain name
+        stem += f"-{t.name}"
     for path in report.write(rep, out, stem):
         print(f"wrote {path}")
     print(report.markdown(rep))

@@ -119,15 +119,23 @@ def evaluate(
     limit: int | None = None,
     temperature: float | None = None,
     max_tokens: int = 384,
+    concurrency: int = 8,
 ) -> dict:
     problems = humaneval()[:limit]
     temperature = (0.0 if n == 1 else 0.8) if temperature is None else temperature
     results = []
-    with ThreadPoolExecutor(2) as checker:  # tests run while the model writes the next answer
+    # Several problems in flight (a batched engine decodes them together); tests run while the
+    # model writes the next answers.
+    with ThreadPoolExecutor(concurrency) as writers, ThreadPoolExecutor(2) as checker:
+        written = [
+            writers.submit(complete, url, model, p, n, temperature, max_tokens) for p in problems
+        ]
         pending = []
-        for p in tqdm(problems, desc=f"humaneval {model}", unit="problem", file=sys.stderr):
-            samples = complete(url, model, p, n, temperature, max_tokens)
-            pending.append((p, [checker.submit(passes, p, s) for s in samples]))
+        bar = tqdm(total=len(problems), desc=f"humaneval {model}", unit="problem", file=sys.stderr)
+        for p, samples in zip(problems, written, strict=True):
+            pending.append((p, [checker.submit(passes, p, s) for s in samples.result()]))
+            bar.update()
+        bar.close()
         for p, futures in pending:
             results.append({"task_id": p.task_id, "passed": [f.result() for f in futures]})
     correct = [sum(r["passed"]) for r in results]

@@ -120,6 +120,7 @@ def plot(rep: dict, path: Path) -> None:
         label="memory-bandwidth ceiling",
     )
     right.set(ylabel="tokens/s", title="Single-stream decode")
+    right.tick_params(axis="x", labelrotation=20)
     right.legend()
     fig.suptitle(f"{rep['model']['name']} on {rep['machine']['name']} ({rep['date'][:10]})")
     fig.tight_layout()
