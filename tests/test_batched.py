@@ -78,9 +78,10 @@ def test_eight_concurrent_streams_match_their_solo_runs(server):
             pool.map(lambda p: streamed_text(server.url, {**body, "prompt": p})[0], PROMPTS)
         )
     gaps = [first_divergence_gap(a, t) for a, t in zip(alone, together, strict=True)]
-    # llama.cpp is not bit-exact across batch sizes: a stream may only diverge at a near-tie.
-    assert all(g is None or g < 1.0 for g in gaps), gaps
-    assert sum(g is None for g in gaps) >= 6, gaps
+    # llama.cpp is not bit-exact across batch shapes (measured: logits move by up to ~0.1 nats), so
+    # a stream may part from its solo run only where its two best tokens nearly tie.
+    assert all(g is None or g < 0.3 for g in gaps), gaps
+    assert any(g is None for g in gaps), gaps
 
 
 def test_n_choices_are_distinct_and_well_formed(server):
