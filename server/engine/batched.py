@@ -147,8 +147,9 @@ class BatchedEngine:
     ) -> None:
         """generate() without the hand-off: the decode loop calls `emit` with each event (or an
         exception) itself, and this returns once every choice has finished. On 2 cores each
-        thread woken per token steals time from llama.cpp's spinning threads (measured: 8 streams
-        through a per-request thread lost ~20% of their throughput)."""
+        thread woken per token steals time from llama.cpp's spinning threads (measured
+        in-process: 8 streams read through worker threads took 10-25% longer than the engine
+        alone)."""
         self._enqueue(req, cancelled, emit).done.wait()
 
     def _enqueue(self, req: GenerationRequest, cancelled, emit) -> Group:
