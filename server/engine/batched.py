@@ -215,7 +215,9 @@ class BatchedEngine:
             for _ in range(g.req.n):
                 self._finish_now(g, "length")
             return
-        extra = [s for s in free if s is not primary][: min(g.req.n, self.slots) - 1]
+        # Further choices take the slots idle longest, sparing the recent caches worth keeping.
+        spare = sorted((s for s in free if s is not primary), key=lambda s: s.released)
+        extra = spare[: min(g.req.n, self.slots) - 1]
         for slot in [primary, *extra]:
             slot.busy = True
             self._new_choice(g, slot, state="prefill")
