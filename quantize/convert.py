@@ -56,6 +56,30 @@ def check_ready(hf_dir: Path) -> None:
         )
 
 
+def download_sdist(version: str, dest: Path) -> Path:
+    """The llama-cpp-python sdist of `version` (it vendors llama.cpp) from PyPI, into `dest`."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        f"llama-cpp-python=={version}",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise QuantizeError(
+            f"could not fetch the llama-cpp-python=={version} sdist:\n"
+            + done.stderr.strip()[-2000:]
+        )
+    return next(dest.glob("*.tar.gz"))
+
+
 def converter_dir(cache_root: Path, progress: Callable[[str], None] = print) -> Path:
     """The converter of the installed llama-cpp-python version, fetched on first use."""
     import llama_cpp
@@ -67,26 +91,7 @@ def converter_dir(cache_root: Path, progress: Callable[[str], None] = print) -> 
     progress(f"convert: fetching llama.cpp's converter (llama-cpp-python=={version} sdist)")
     cache_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root) as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--disable-pip-version-check",
-            "-d",
-            tmp,
-            f"llama-cpp-python=={version}",
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise QuantizeError(
-                f"could not fetch the llama-cpp-python=={version} sdist for its converter:\n"
-                + done.stderr.strip()[-2000:]
-            )
-        sdist = next(Path(tmp).glob("*.tar.gz"))
+        sdist = download_sdist(version, Path(tmp))
         staging = Path(tmp) / "converter"
         with tarfile.open(sdist) as tf:
             for member in tf.getmembers():

@@ -7,8 +7,6 @@ The server runs in this process on a background thread, so tests drive it over r
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import tarfile
 import tempfile
 import threading
@@ -21,6 +19,7 @@ import httpx
 import pytest
 import uvicorn
 
+from quantize.convert import download_sdist
 from server.api.app import create_app
 from server.registry import Registry, parse_registry
 from server.settings import ServerSettings
@@ -129,24 +128,7 @@ def vocab_dir() -> Path:
     if not (target / "ggml-vocab-starcoder.gguf").is_file():
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--no-binary",
-                    ":all:",
-                    "--disable-pip-version-check",
-                    "-d",
-                    tmp,
-                    f"llama-cpp-python=={version}",
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-            sdist = next(Path(tmp).glob("*.tar.gz"))
+            sdist = download_sdist(version, Path(tmp))
             with tarfile.open(sdist) as tf:
                 for member in tf.getmembers():
                     name = Path(member.name).name

@@ -27,6 +27,27 @@ def ggml_kv_type(kv_cache: str) -> int:
     return getattr(llama_cpp, f"GGML_TYPE_{kv_cache.upper()}")
 
 
+def open_llama(path, cfg, *, n_ctx: int, threads: int):
+    """A ``llama_cpp.Llama`` for a GGUF with a model's settings (ValueError if it cannot load)."""
+    import llama_cpp
+
+    kv_type = ggml_kv_type(cfg.kv_cache)
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=cfg.n_batch,
+        n_ubatch=cfg.n_batch,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_gpu_layers=cfg.n_gpu_layers,
+        type_k=kv_type,
+        type_v=kv_type,
+        flash_attn=cfg.flash_attn,
+        kv_overrides=cfg.kv_overrides or None,
+        verbose=False,
+    )
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0

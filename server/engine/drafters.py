@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.engine.base import ggml_kv_type
+from server.engine.base import open_llama
 from server.errors import ModelUnavailable
 from server.registry import ModelConfig
 
@@ -161,24 +161,9 @@ class DraftModel:
 
     @classmethod
     def load(cls, path: Path, cfg: ModelConfig, n_ctx: int, threads: int) -> DraftModel:
-        import llama_cpp
-
-        kv_type = ggml_kv_type(cfg.kv_cache)
         try:
-            llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,  # it must hold whatever the target holds
-                n_batch=cfg.n_batch,
-                n_ubatch=cfg.n_batch,
-                n_threads=cfg.n_threads or threads,
-                n_threads_batch=cfg.n_threads or threads,
-                n_gpu_layers=cfg.n_gpu_layers,
-                type_k=kv_type,
-                type_v=kv_type,
-                flash_attn=cfg.flash_attn,
-                kv_overrides=cfg.kv_overrides or None,
-                verbose=False,
-            )
+            # n_ctx: it must hold whatever the target holds.
+            llm = open_llama(path, cfg, n_ctx=n_ctx, threads=cfg.n_threads or threads)
         except (ValueError, RuntimeError) as e:
             raise ModelUnavailable(
                 f"draft model {cfg.name!r}: llama.cpp could not load {path}: {e}"

@@ -31,7 +31,7 @@ from server.engine.base import (
     SamplingParams,
     Timings,
     TokenLogprob,
-    ggml_kv_type,
+    open_llama,
 )
 from server.engine.devices import list_devices, report_load
 from server.engine.drafters import DraftModel, check_same_vocabulary
@@ -63,24 +63,10 @@ class LlamaEngine:
         self._lib = llama_cpp
         self.cfg = cfg
         _log_flash_attn(cfg)
-        kv_type = ggml_kv_type(cfg.kv_cache)
         threads = cfg.n_threads or _available_cores()
         devices_before = list_devices()
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=cfg.n_ctx,
-                n_batch=cfg.n_batch,
-                n_ubatch=cfg.n_batch,
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_gpu_layers=cfg.n_gpu_layers,
-                type_k=kv_type,
-                type_v=kv_type,
-                flash_attn=cfg.flash_attn,
-                kv_overrides=cfg.kv_overrides or None,
-                verbose=False,
-            )
+            self.llm = open_llama(path, cfg, n_ctx=cfg.n_ctx, threads=threads)
         except (ValueError, RuntimeError) as e:
             raise ModelUnavailable(
                 f"model {cfg.name!r}: llama.cpp could not load {path} with n_ctx={cfg.n_ctx} "
