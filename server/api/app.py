@@ -10,7 +10,9 @@ from fastapi import Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api import auth, chat, completions, errors, fim, health, models
+from server.api import auth, errors, health
+from server.api.openai import chat, completions, fim, models
+from server.api.openai import errors as openai_errors
 from server.engine.factory import make_engine_factory
 from server.manager import EngineFactory, ModelManager
 from server.metrics import Metrics
@@ -50,7 +52,8 @@ def create_app(
     app.state.settings = settings
     app.state.manager = manager
     app.state.metrics = metrics
-    errors.install(app)
+    # Dialects other than OpenAI's add (path prefix, renderer) pairs here.
+    errors.install(app, default=openai_errors.render, by_prefix=[])
     v1 = [Depends(auth.require_api_key)]
 
     @app.middleware("http")

@@ -1,9 +1,11 @@
-"""The engine seam: what the scheduler asks of a model, whatever drives it.
+"""The engine contract: what the scheduler asks of a model, whatever drives it.
 
-An engine receives a ``GenerationRequest`` (prompt token ids, sampling, stop strings, n) and yields
-``Delta`` events (released text with its tokens) and one ``Finished`` event per choice. Text is
-released only once it cannot be the start of a stop string, so deltas concatenate to the final
-text exactly. Engines run on one worker thread; ``cancelled`` is polled between tokens.
+``Engine.submit(request, sink)`` starts a request and returns a ``Handle`` that cancels it. The
+engine calls ``sink`` from its own thread: for a ``GenerationRequest`` (prompt token ids, sampling,
+stop strings, n, constraints) ``Delta`` events (released text with its tokens) and one ``Finished``
+per choice; for an ``EmbeddingRequest`` one ``Embedded`` per input; then always one ``End``
+(carrying the error if the engine failed). Text is released only once it cannot be the start of a
+stop string, so deltas concatenate to the final text exactly.
 """
 
 from __future__ import annotations
@@ -81,6 +83,18 @@ class GenerationRequest:
     logprobs: int | None = None  # top-N alternatives per token; None: no logprobs at all
     time_budget_s: float | None = None  # stop with "length" once generation has run this long
     speculation: Speculation = field(default_factory=Speculation)
+    # Constraints applied per sequence by llama.cpp's samplers:
+    grammar: str | None = None  # GBNF (root rule "root") every choice must match
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); -inf bans the token
+    ignore_eos: bool = False  # end-of-generation tokens are banned: run to max_tokens or a stop
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """One vector per input (token ids), pooled as the model was trained to pool."""
+
+    inputs: list[list[int]]
+    normalize: bool = True  # L2-normalise, as sentence-transformers and OpenAI do
 
 
 @dataclass(frozen=True)
@@ -118,7 +132,29 @@ class Finished:
     timings: Timings
 
 
-Event = Delta | Finished
+@dataclass(frozen=True)
+class Embedded:
+    index: int  # which input
+    vector: tuple[float, ...]
+    tokens: int  # tokens of that input that were evaluated
+
+
+@dataclass(frozen=True)
+class End:
+    """The last event of every submitted request; ``error`` set when the engine failed."""
+
+    error: BaseException | None = None
+
+
+Event = Delta | Finished | Embedded | End
+EventSink = Callable[[Event], None]
+Request = GenerationRequest | EmbeddingRequest
+
+
+class Handle(Protocol):
+    def cancel(self) -> None:
+        """Stop the request as soon as possible (within one step); its End still follows."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -139,10 +175,20 @@ class ModelInfo:
 
 
 class Engine(Protocol):
+    """What the scheduler asks of a model, whatever drives it (simple, batched, embedding)."""
+
     info: ModelInfo
-    # How many generate() calls may run at once, each on its own worker thread. The simple engine
-    # serves one; a batched engine steps all of its slots in one llama_decode per token.
-    slots: int
+    # Requests the engine serves at once; the scheduler admits up to this many and queues the
+    # rest. The simple engine serves one, the batched engine one per slot.
+    capacity: int
+
+    def submit(self, request: Request, sink: EventSink) -> Handle:
+        """Start a request; events go to ``sink`` from the engine's thread, ``End`` last.
+
+        Never blocks on the model. A ``GenerationRequest`` yields ``Delta`` events and one
+        ``Finished`` per choice; an ``EmbeddingRequest`` one ``Embedded`` per input.
+        """
+        ...
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
         """Token ids for text; with `special`, marker text like <|im_end|> becomes its token."""
@@ -152,10 +198,6 @@ class Engine(Protocol):
 
     def kv_tokens(self) -> int:
         """Tokens currently held in the KV cache (read from other threads for metrics)."""
-        ...
-
-    def generate(self, req: GenerationRequest, cancelled: Callable[[], bool]) -> Iterator[Event]:
-        """Generate ``req.n`` choices; every choice ends with exactly one ``Finished``."""
         ...
 
     def close(self) -> None: ...

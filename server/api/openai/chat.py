@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from server.api import generation as g
-from server.api.protocol import (
+from server.api import relay
+from server.api.openai import params
+from server.api.openai.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
@@ -18,8 +19,10 @@ from server.api.protocol import (
     new_id,
     now,
 )
+from server.api.openai.streaming import sse, usage
+from server.core.budget import completion_budget
+from server.core.chat import render_chat
 from server.engine.base import Delta, Engine, Event, GenerationRequest, TokenLogprob
-from server.engine.chat import render_chat
 
 router = APIRouter()
 
@@ -49,19 +52,19 @@ def _chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    worker = await g.model_worker(request, body.model)
+    worker = await relay.model_worker(request, body.model)
     prompt = render_prompt(worker.engine, body)
     wanted = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     greq = GenerationRequest(
         prompt=prompt,
-        max_tokens=g.completion_budget(worker.engine.info.n_ctx, len(prompt), wanted),
-        sampling=g.sampling_params(body),
+        max_tokens=completion_budget(worker.engine.info.n_ctx, len(prompt), wanted),
+        sampling=params.sampling_params(body),
         stop=tuple(body.stop),
         n=body.n,
         logprobs=top,
-        time_budget_s=g.time_budget(body),
-        speculation=g.speculation(body),
+        time_budget_s=params.time_budget(body),
+        speculation=params.speculation(body),
     )
     return await respond(worker, greq, request, body, label="chat")
 
@@ -70,11 +73,11 @@ async def respond(worker, greq: GenerationRequest, request: Request, body, *, la
     """Answer in chat-completion shape (also what Mistral's /v1/fim/completions returns)."""
     cid, created, model = new_id("chatcmpl"), now(), worker.name
     try:
-        events = await g.start(worker, greq, request, label)
+        events = await relay.start(worker, greq, request, label)
         if body.stream:
-            return g.sse(_chunks(events, cid, created, model, body, greq.logprobs is not None))
-        choices = await g.collect(events, request, greq.n)
-    except g.ClientGone:
+            return sse(_chunks(events, cid, created, model, body, greq.logprobs is not None))
+        choices = await relay.collect(events, request, greq.n)
+    except relay.ClientGone:
         return None
     return ChatCompletionResponse(
         id=cid,
@@ -85,11 +88,11 @@ async def respond(worker, greq: GenerationRequest, request: Request, body, *, la
                 index=i,
                 message=AssistantMessage(content=c.text),
                 logprobs=_chat_logprobs(c.logprobs) if greq.logprobs is not None else None,
-                finish_reason=g.finish_reason(c.finish),
+                finish_reason=relay.finish_reason(c.finish),
             )
             for i, c in enumerate(choices)
         ],
-        usage=g.usage([c.finish for c in choices if c.finish is not None]),
+        usage=usage([c.finish for c in choices if c.finish is not None]),
     )
 
 
@@ -119,7 +122,7 @@ async def _chunks(
             yield chunk(ev.index, {"content": ev.text}, lp)
         else:
             finished.append(ev)
-            yield chunk(ev.index, {}, None, g.finish_reason(ev))
+            yield chunk(ev.index, {}, None, relay.finish_reason(ev))
     if include_usage:
         yield {
             "id": cid,
@@ -127,5 +130,5 @@ async def _chunks(
             "created": created,
             "model": model,
             "choices": [],
-            "usage": g.usage(finished).model_dump(),
+            "usage": usage(finished).model_dump(),
         }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from server.api.protocol import ErrorResponse, ModelCard, ModelList
+from server.api.openai.protocol import ErrorResponse, ModelCard, ModelList
 from server.errors import ModelNotFound
 
 router = APIRouter()

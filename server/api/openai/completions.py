@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from server.api import generation as g
-from server.api.protocol import (
+from server.api import relay
+from server.api.openai import params
+from server.api.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -15,7 +16,11 @@ from server.api.protocol import (
     new_id,
     now,
 )
+from server.api.openai.streaming import sse, usage
+from server.core.budget import completion_budget
+from server.core.fim_request import fim_prompt
 from server.engine.base import Delta, Event, GenerationRequest, TokenLogprob
+from server.engine.fim import ExtraFile
 from server.errors import InvalidRequest, Unsupported
 
 router = APIRouter()
@@ -32,14 +37,23 @@ def _logprobs(entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request):
-    worker = await g.model_worker(request, body.model)
+    worker = await relay.model_worker(request, body.model)
     engine = worker.engine
     if body.echo and body.logprobs is not None:
         raise Unsupported(
             "`echo` together with `logprobs` (prompt logprobs) is not supported", param="echo"
         )
     if body.suffix is not None:
-        prompt = g.fim_prompt(engine, body, body.max_tokens)
+        if not isinstance(body.prompt, str):
+            raise InvalidRequest("with `suffix`, `prompt` must be a string", param="prompt")
+        prompt = fim_prompt(
+            engine,
+            body.prompt,
+            body.suffix,
+            max_tokens=body.max_tokens,
+            extra=[ExtraFile(f.filename, f.text) for f in body.input_extra],
+            filename=body.filename,
+        )
         prompt_text = body.prompt
     elif isinstance(body.prompt, str):
         prompt = engine.tokenize(body.prompt, add_bos=True)
@@ -54,22 +68,22 @@ async def create_completion(body: CompletionRequest, request: Request):
         raise InvalidRequest("prompt is empty", param="prompt")
     greq = GenerationRequest(
         prompt=prompt,
-        max_tokens=g.completion_budget(engine.info.n_ctx, len(prompt), body.max_tokens),
-        sampling=g.sampling_params(body),
+        max_tokens=completion_budget(engine.info.n_ctx, len(prompt), body.max_tokens),
+        sampling=params.sampling_params(body),
         stop=tuple(body.stop),
         n=body.n,
         logprobs=body.logprobs,
-        time_budget_s=g.time_budget(body),
-        speculation=g.speculation(body),
+        time_budget_s=params.time_budget(body),
+        speculation=params.speculation(body),
     )
     cid, created, model = new_id("cmpl"), now(), worker.name
     echo = prompt_text if body.echo else ""
     try:
-        events = await g.start(worker, greq, request, "completions")
+        events = await relay.start(worker, greq, request, "completions")
         if body.stream:
-            return g.sse(_chunks(events, cid, created, model, echo, body))
-        choices = await g.collect(events, request, body.n)
-    except g.ClientGone:
+            return sse(_chunks(events, cid, created, model, echo, body))
+        choices = await relay.collect(events, request, body.n)
+    except relay.ClientGone:
         return None
     finished = [c.finish for c in choices if c.finish is not None]
     return CompletionResponse(
@@ -81,11 +95,11 @@ async def create_completion(body: CompletionRequest, request: Request):
                 index=i,
                 text=echo + c.text,
                 logprobs=_logprobs(c.logprobs, len(echo)) if body.logprobs is not None else None,
-                finish_reason=g.finish_reason(c.finish),
+                finish_reason=relay.finish_reason(c.finish),
             )
             for i, c in enumerate(choices)
         ],
-        usage=g.usage(finished),
+        usage=usage(finished),
     )
 
 
@@ -122,7 +136,7 @@ async def _chunks(
             finished.append(ev)
             if head:
                 yield chunk(ev.index, head)
-            yield chunk(ev.index, "", None, g.finish_reason(ev))
+            yield chunk(ev.index, "", None, relay.finish_reason(ev))
     if include_usage:
         yield {
             "id": cid,
@@ -130,5 +144,5 @@ async def _chunks(
             "created": created,
             "model": model,
             "choices": [],
-            "usage": g.usage(finished).model_dump(),
+            "usage": usage(finished).model_dump(),
         }

@@ -11,29 +11,39 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Request
 
-from server.api import chat
-from server.api import generation as g
-from server.api.protocol import FimCompletionRequest
+from server.api import relay
+from server.api.openai import chat, params
+from server.api.openai.protocol import FimCompletionRequest
+from server.core.budget import completion_budget
+from server.core.fim_request import fim_prompt
 from server.engine.base import GenerationRequest
+from server.engine.fim import ExtraFile
 
 router = APIRouter()
 
 
 @router.post("/v1/fim/completions", response_model=None)
 async def create_fim_completion(body: FimCompletionRequest, request: Request):
-    worker = await g.model_worker(request, body.model)
+    worker = await relay.model_worker(request, body.model)
     engine = worker.engine
-    prompt = g.fim_prompt(engine, body, body.max_tokens)
-    sampling = g.sampling_params(body)
+    prompt = fim_prompt(
+        engine,
+        body.prompt,
+        body.suffix or "",
+        max_tokens=body.max_tokens,
+        extra=[ExtraFile(f.filename, f.text) for f in body.input_extra],
+        filename=body.filename,
+    )
+    sampling = params.sampling_params(body)
     if body.random_seed is not None and body.seed is None:
         sampling = replace(sampling, seed=body.random_seed)
     greq = GenerationRequest(
         prompt=prompt,
-        max_tokens=g.completion_budget(engine.info.n_ctx, len(prompt), body.max_tokens),
+        max_tokens=completion_budget(engine.info.n_ctx, len(prompt), body.max_tokens),
         sampling=sampling,
         stop=tuple(body.stop),
         n=body.n,
-        time_budget_s=g.time_budget(body),
-        speculation=g.speculation(body),
+        time_budget_s=params.time_budget(body),
+        speculation=params.speculation(body),
     )
     return await chat.respond(worker, greq, request, body, label="fim")

@@ -1,0 +1,1 @@
+"""llama-server native dialect (/completion, /infill, /tokenize, ...) for llama.vscode, Continue, Tabby."""

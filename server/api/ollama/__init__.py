@@ -1,0 +1,1 @@
+"""Ollama API dialect (/api/*): wire shapes, NDJSON streams and its error envelope."""

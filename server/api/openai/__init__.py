@@ -1,0 +1,1 @@
+"""OpenAI API dialect (/v1/*): wire shapes, routes and its error envelope."""

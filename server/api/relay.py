@@ -1,0 +1,99 @@
+"""Between an HTTP request and the scheduler, for every dialect.
+
+A request is queued, then raced against the client's disconnect until its first event arrives, so
+a client that gives up while waiting is dropped from the queue before it costs the model anything;
+errors known before that first event (queue full, queue timeout) still become proper HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from server.engine.base import Delta, Event, Finished, GenerationRequest, TokenLogprob
+from server.scheduler import ModelWorker
+
+
+async def model_worker(request: Request, name: str | None) -> ModelWorker:
+    """The worker for a request's model (loading it if needed), labelling the request with it."""
+    manager = request.app.state.manager
+    worker: ModelWorker = await manager.get(name)
+    request.state.model = worker.name
+    return worker
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before we could answer; nothing is sent."""
+
+
+async def start(
+    worker: ModelWorker, greq: GenerationRequest, request: Request, label: str
+) -> AsyncIterator[Event]:
+    """Queue the request and wait for its first event, dropping it if the client leaves first."""
+    events = worker.stream(greq, label=label)
+    first = asyncio.ensure_future(anext(events))
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not first.done():
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await events.aclose()
+        raise ClientGone
+    gone.cancel()
+    head = first.result()  # re-raises Overloaded / QueueTimeout / ModelUnavailable as HTTP errors
+
+    async def chained() -> AsyncIterator[Event]:
+        try:
+            yield head
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    return chained()
+
+
+@dataclass
+class Choice:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: Finished | None = None
+
+
+async def collect(events: AsyncIterator[Event], request: Request, n: int) -> list[Choice]:
+    """Gather every event of a non-streamed request; a client that leaves cancels it."""
+    choices = [Choice() for _ in range(n)]
+
+    async def consume() -> None:
+        async for ev in events:
+            c = choices[ev.index]
+            if isinstance(ev, Delta):
+                c.text += ev.text
+                c.token_ids.extend(ev.token_ids)
+                c.logprobs.extend(ev.logprobs)
+            else:
+                c.finish = ev
+
+    task = asyncio.ensure_future(consume())
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone
+    gone.cancel()
+    task.result()
+    return choices
+
+
+def finish_reason(f: Finished | None) -> str | None:
+    return None if f is None or f.reason == "cancelled" else f.reason

@@ -1,0 +1,1 @@
+"""The generation core every dialect shares: budgets, prompts, sampling, stop handling."""
