@@ -168,6 +168,8 @@ class ModelInfo:
     kv_cache_bytes: int = 0  # K and V caches at n_ctx
     bos_id: int | None = None  # prepended to prompts (None: the vocabulary adds no BOS)
     fim: FimTokens | None = None  # None: the model cannot fill in the middle
+    embedding: bool = False  # an embedding model: takes EmbeddingRequests only
+    n_embd: int = 0  # length of the vectors an embedding model returns
 
     @property
     def memory_bytes(self) -> int:

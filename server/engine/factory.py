@@ -22,6 +22,10 @@ def uses_batched(choice: EngineChoice, cfg: ModelConfig) -> bool:
 
 def make_engine_factory(choice: EngineChoice, slots: int, prefill_chunk: int):
     def make(path: Path, cfg: ModelConfig, **kwargs) -> Engine:
+        if cfg.kind == "embedding":  # whatever `engine` says: the others only generate
+            from server.engine.embedding import EmbeddingEngine
+
+            return EmbeddingEngine(path, cfg, slots=slots)
         if uses_batched(choice, cfg):
             from server.engine.batched import BatchedEngine
 
