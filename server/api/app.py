@@ -11,7 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
 from server.api import auth, errors, health
-from server.api.openai import chat, completions, fim, models
+from server.api.ollama import embed as ollama_embed
+from server.api.openai import chat, completions, embeddings, fim, models
 from server.api.openai import errors as openai_errors
 from server.engine.factory import make_engine_factory
 from server.manager import EngineFactory, ModelManager
@@ -77,6 +78,8 @@ def create_app(
     app.include_router(chat.router, dependencies=v1)
     app.include_router(fim.router, dependencies=v1)
     app.include_router(models.router, dependencies=v1)
+    app.include_router(embeddings.router, dependencies=v1)
+    app.include_router(ollama_embed.router, dependencies=v1)
     app.include_router(health.router)
     return app
 

@@ -13,13 +13,36 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from server.engine.base import Delta, Event, Finished, GenerationRequest, TokenLogprob
+from server.engine.base import (
+    Delta,
+    Embedded,
+    EmbeddingRequest,
+    End,
+    Event,
+    Finished,
+    GenerationRequest,
+    TokenLogprob,
+)
+from server.errors import InvalidRequest
+from server.registry import ModelKind
 from server.scheduler import ModelWorker
 
 
-async def model_worker(request: Request, name: str | None) -> ModelWorker:
-    """The worker for a request's model (loading it if needed), labelling the request with it."""
+async def model_worker(
+    request: Request, name: str | None, *, kind: ModelKind | None = "generation"
+) -> ModelWorker:
+    """The worker for a request's model (loading it if needed), labelling the request with it.
+
+    ``kind`` is what the route does with it: a model of another kind is a 400 naming `model`
+    before anything is loaded (None: any kind, for routes that only describe a model).
+    """
     manager = request.app.state.manager
+    if kind is not None and (cfg := manager.config(name)).kind != kind:
+        if cfg.kind == "embedding":
+            message = f"model {cfg.name!r} is an embedding model; it cannot generate text"
+        else:
+            message = f"model {cfg.name!r} generates text; it cannot compute embeddings"
+        raise InvalidRequest(message, param="model")
     worker: ModelWorker = await manager.get(name)
     request.state.model = worker.name
     return worker
@@ -97,3 +120,36 @@ async def collect(events: AsyncIterator[Event], request: Request, n: int) -> lis
 
 def finish_reason(f: Finished | None) -> str | None:
     return None if f is None or f.reason == "cancelled" else f.reason
+
+
+async def embed(
+    worker: ModelWorker, ereq: EmbeddingRequest, request: Request, label: str
+) -> list[Embedded]:
+    """Run an embedding request to its end; a client that leaves cancels it."""
+    # TEMPORARY until the scheduler takes every request type through `engine.submit` ("Scheduler:
+    # one engine contract"): the engine is called directly, outside the worker's queue bound,
+    # queue timeout and metrics. `label` is for the request log the scheduler writes.
+    del label
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    handle = worker.engine.submit(ereq, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+
+    async def consume() -> list[Embedded]:
+        got: list[Embedded] = []
+        while not isinstance(ev := await events.get(), End):
+            if isinstance(ev, Embedded):
+                got.append(ev)
+        if ev.error is not None:
+            raise ev.error
+        return got
+
+    task = asyncio.ensure_future(consume())
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        handle.cancel()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone
+    gone.cancel()
+    return task.result()
