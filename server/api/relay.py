@@ -132,7 +132,11 @@ async def embed(
     del label
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
-    handle = worker.engine.submit(ereq, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+
+    def sink(ev: Event) -> None:  # called on the engine's thread
+        loop.call_soon_threadsafe(events.put_nowait, ev)
+
+    handle = worker.engine.submit(ereq, sink)
 
     async def consume() -> list[Embedded]:
         got: list[Embedded] = []

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from server.engine.base import Embedded, Engine
 from server.errors import ContextOverflow, InvalidRequest
 
-Inputs = Sequence[str] | Sequence[Sequence[int]]
+Inputs = Sequence[str | Sequence[int]]
 
 
 @dataclass(frozen=True)

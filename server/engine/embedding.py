@@ -283,11 +283,11 @@ class EmbeddingEngine:
             job.emit(End(gone))
         while True:
             try:
-                job = self._queue.get_nowait()
+                waiting = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if job is not None:
-                job.emit(End(gone))
+            if waiting is not None:
+                waiting.emit(End(gone))
 
     def _piece(self, token: int) -> str:
         if token == -1:

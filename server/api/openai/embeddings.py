@@ -52,15 +52,16 @@ class EmbeddingsResponse(BaseModel):
     usage: EmbeddingUsage
 
 
-def _inputs(body: EmbeddingsBody) -> list[str] | list[list[int]]:
+def _inputs(body: EmbeddingsBody) -> list[str | list[int]]:
     value = body.input
     if isinstance(value, str):
         return [value]
     if not value:
         raise InvalidRequest("input is an empty list", param="input")
-    if all(isinstance(x, int) for x in value):
-        return [list(value)]  # type: ignore[arg-type]  # one input given as token ids
-    return list(value)  # type: ignore[return-value]
+    ids = [x for x in value if isinstance(x, int)]
+    if len(ids) == len(value):
+        return [ids]  # one input given as token ids
+    return [x for x in value if not isinstance(x, int)]
 
 
 def _encode(vector: tuple[float, ...], fmt: str) -> list[float] | str:
