@@ -29,8 +29,7 @@ def _registry(settings: ServerSettings) -> Registry:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
+    from server import serving
     from server.api.app import create_app
 
     settings = _settings(
@@ -61,13 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         f"GET /health says when the model is loaded",
         flush=True,
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=5,
-    )
+    serving.run(app, settings)
 
 
 def cmd_pull(args: argparse.Namespace) -> None:

@@ -147,14 +147,14 @@ class ModelManager:
         """Live figures per resident model, read at scrape time (see server.metrics)."""
         rows = []
         for name, w in list(self._workers.items()):
-            used, n_ctx = w.engine.kv_tokens(), w.engine.info.n_ctx
+            used, cells = w.engine.kv_tokens(), w.engine.kv_cells
             rows.append(
                 {
                     "model": name,
                     "processing": w.running,
                     "deferred": w.queue_depth,
                     "kv_tokens": used,
-                    "kv_ratio": used / n_ctx,
+                    "kv_ratio": used / cells,
                     "memory_bytes": self._footprints.get(name, 0),
                 }
             )
@@ -165,6 +165,10 @@ class ModelManager:
         self._footprints.pop(name, None)
         log.info("unloading model %s", name)
         await asyncio.to_thread(worker.close)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting on every model; running requests get ``timeout_s`` to finish."""
+        await asyncio.gather(*(w.drain(timeout_s) for w in list(self._workers.values())))
 
     async def close(self) -> None:
         for name in list(self._workers):

@@ -63,6 +63,12 @@ class ServerSettings(BaseSettings):
     prefill_chunk: int = Field(
         128, ge=16, description="prompt tokens per batched step while others are decoding"
     )
+    shutdown_drain_s: float = Field(
+        5.0,
+        ge=0,
+        description="on SIGTERM, running requests get this long to finish before they are "
+        "cancelled (each stream still ends with an error event and [DONE])",
+    )
     log_level: str = "info"
 
     @model_validator(mode="after")

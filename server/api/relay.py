@@ -8,12 +8,13 @@ errors known before that first event (queue full, queue timeout) still become pr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from server.engine.base import Delta, Event, Finished, GenerationRequest, TokenLogprob
+from server.engine.base import Delta, Event, Finished, TokenLogprob
+from server.engine.base import Request as Request_
 from server.scheduler import ModelWorker
 
 
@@ -35,13 +36,21 @@ class ClientGone(Exception):
 
 
 async def start(
-    worker: ModelWorker, greq: GenerationRequest, request: Request, label: str
+    worker: ModelWorker, greq: Request_, request: Request, label: str
 ) -> AsyncIterator[Event]:
     """Queue the request and wait for its first event, dropping it if the client leaves first."""
     events = worker.stream(greq, label=label)
     first = asyncio.ensure_future(anext(events))
     gone = asyncio.ensure_future(_wait_disconnect(request))
-    await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # The handler itself was cancelled (server shutdown): the request must not run on.
+        gone.cancel()
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await events.aclose()
+        raise
     if not first.done():
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
@@ -50,7 +59,7 @@ async def start(
     gone.cancel()
     head = first.result()  # re-raises Overloaded / QueueTimeout / ModelUnavailable as HTTP errors
 
-    async def chained() -> AsyncIterator[Event]:
+    async def chained() -> AsyncGenerator[Event, None]:
         try:
             yield head
             async for event in events:
@@ -75,13 +84,13 @@ async def collect(events: AsyncIterator[Event], request: Request, n: int) -> lis
 
     async def consume() -> None:
         async for ev in events:
-            c = choices[ev.index]
             if isinstance(ev, Delta):
+                c = choices[ev.index]
                 c.text += ev.text
                 c.token_ids.extend(ev.token_ids)
                 c.logprobs.extend(ev.logprobs)
-            else:
-                c.finish = ev
+            elif isinstance(ev, Finished):
+                choices[ev.index].finish = ev
 
     task = asyncio.ensure_future(consume())
     gone = asyncio.ensure_future(_wait_disconnect(request))
