@@ -17,9 +17,10 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from server.engine.base import KV_BYTES_PER_ELEMENT, Engine
 from server.errors import ModelNotFound, ModelUnavailable
@@ -88,7 +89,7 @@ class ModelManager:
         self._loaded_at: dict[str, float] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._unload_requested: set[str] = set()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def config(self, name: str | None) -> ModelConfig:
         name = name or self.default_model
@@ -175,7 +176,7 @@ class ModelManager:
             loop = asyncio.get_running_loop()
             self._timers[name] = loop.call_later(keep, lambda: self._spawn(self._expire(name)))
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from datetime import UTC, datetime
@@ -9,6 +10,9 @@ from datetime import UTC, datetime
 import ollama
 import pytest
 
+from server.api.ollama.protocol import GenerateChunk
+from server.api.ollama.streaming import ndjson
+from server.errors import ModelUnavailable
 from tests.conftest import FIM_MODEL, SMALL_CTX_MODEL
 
 DEFAULT = "smollm2-135m"
@@ -181,3 +185,19 @@ def test_num_ctx_narrows_the_window(client):
         lines = [json.loads(x) for x in r.iter_lines() if x]
     assert lines[-1]["done"] and lines[-1]["done_reason"] == "length"
     assert lines[-1]["prompt_eval_count"] + lines[-1]["eval_count"] == 220
+
+
+def test_an_error_after_the_stream_began_is_its_last_line():
+    async def chunks():
+        yield GenerateChunk(model="m", response="par", done=False)
+        raise ModelUnavailable("the engine failed")
+
+    async def body() -> list[dict]:
+        response = ndjson(chunks())
+        return [json.loads(b) async for b in response.body_iterator]
+
+    lines = asyncio.run(body())
+    assert lines == [
+        {"model": "m", "created_at": lines[0]["created_at"], "response": "par", "done": False},
+        {"error": "the engine failed"},
+    ]

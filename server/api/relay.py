@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.engine.base import Delta, Event, Finished, GenerationRequest, TokenLogprob
 from server.scheduler import ModelWorker
+
+if TYPE_CHECKING:
+    from server.manager import ModelManager
 
 _LEASES = "model_leases"
 
@@ -44,7 +48,7 @@ class ModelLeases:
     mid-stream) is over before the model's keep_alive starts counting.
     """
 
-    def __init__(self, app: ASGIApp, manager) -> None:
+    def __init__(self, app: ASGIApp, manager: ModelManager) -> None:
         self.app = app
         self.manager = manager
 

@@ -73,7 +73,7 @@ async def load_model(name: str, request: Request, body: LoadRequest | None = Non
 
 
 @router.post("/v1/models/{name:path}/unload")
-async def unload_model(name: str, request: Request) -> dict:
+async def unload_model(name: str, request: Request) -> dict[str, object]:
     manager = request.app.state.manager
     cfg = manager.config(name)
     was_loaded = await manager.request_unload(cfg.name)
