@@ -201,3 +201,63 @@ def test_an_error_after_the_stream_began_is_its_last_line():
         {"model": "m", "created_at": lines[0]["created_at"], "response": "par", "done": False},
         {"error": "the engine failed"},
     ]
+
+
+def test_continue_autocomplete_request(client):
+    """What Continue's ollama provider sends for autocomplete, num_ctx taken from /api/show."""
+    shown = client.post("/api/show", json={"name": FIM_MODEL}).json()
+    num_ctx = int(shown["parameters"].split("num_ctx")[1].split()[0])
+    body = {
+        "model": FIM_MODEL,
+        "prompt": "def fib(n):\n    ",
+        "suffix": "\n\nprint(fib(10))\n",
+        "options": {
+            "temperature": 0.01,
+            "num_predict": 16,
+            "stop": ["\n\n"],
+            "num_ctx": num_ctx,
+            "num_thread": 2,
+            "use_mmap": True,
+            "num_gpu": 0,
+        },
+        "keep_alive": 1800,
+        "stream": True,
+    }
+    with client.stream("POST", "/api/generate", json=body) as r:
+        assert r.status_code == 200
+        lines = [json.loads(x) for x in r.iter_lines() if x]
+    assert lines[-1]["done"] and lines[-1]["eval_count"] <= 16
+
+
+def test_name_resolution_rule(registry):
+    from server.api.ollama.names import resolve
+    from server.errors import ModelNotFound
+
+    assert resolve(registry, "smollm2-135m") == "smollm2-135m"
+    assert resolve(registry, "smollm2-135m:latest") == "smollm2-135m"
+    assert resolve(registry, "qwen2.5-coder:1.5b") == "qwen2.5-coder-1.5b"
+    assert resolve(registry, "SmolLM2:135M") == "smollm2-135m"
+    with pytest.raises(ModelNotFound, match="model 'llama3:8b' not found"):
+        resolve(registry, "llama3:8b")
+
+
+def test_options_mapping():
+    from server.api.ollama.options import parse_options
+    from server.errors import InvalidRequest
+
+    o = parse_options({"num_predict": -1, "seed": -1, "stop": "\n", "num_thread": 8}, 4096)
+    assert o.num_predict is None and o.sampling.seed is None and o.stop == ("\n",)
+    assert (o.sampling.temperature, o.sampling.top_p, o.sampling.min_p) == (0.8, 0.9, 0.0)
+    o = parse_options({"temperature": 0, "top_k": 5, "num_ctx": 1024, "num_predict": 7}, 4096)
+    assert (o.sampling.temperature, o.sampling.top_k, o.num_ctx, o.num_predict) == (0, 5, 1024, 7)
+    for bad, name in [
+        ({"top_k": "many"}, "top_k"),
+        ({"temperature": -1}, "temperature"),
+        ({"repeat_penalty": 1.2, "repeat_last_n": 128}, "repeat_last_n"),
+        ({"typical_p": 0.5}, "typical_p"),
+        ({"stop": [1]}, "stop"),
+    ]:
+        with pytest.raises(InvalidRequest, match=f"options.{name}"):
+            parse_options(bad, 4096)
+    # a repetition window other than 64 is harmless while no penalty is on
+    assert parse_options({"repeat_last_n": 0}, 4096).sampling.repeat_penalty == 1.0
