@@ -16,10 +16,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from server.api import relay
-from server.api.ollama.protocol import Logprob, TokenLogprob
+from server.api.ollama.protocol import GenerationFields, Logprob, TokenLogprob
 from server.api.ollama.streaming import ndjson
 from server.engine.base import Delta, Event, Finished, GenerationRequest
 from server.engine.base import TokenLogprob as CoreLogprob
+from server.errors import Unsupported
 from server.scheduler import ModelWorker
 
 # (text, logprobs or None, final fields or None while not done, every token id so far)
@@ -114,3 +115,33 @@ async def _chunks(
                 yield shape(ev.text, logprobs(ev.logprobs) if want_lp else None, None, tokens)
         elif isinstance(ev, Finished):
             yield shape("", None, final_fields(ev, clock), tokens)
+
+
+def refuse_common(body: GenerationFields) -> None:
+    """Fields both routes share that change the answer and are not implemented (yet)."""
+    if body.format not in (None, ""):
+        raise Unsupported(
+            "format: structured output (JSON mode / JSON schema) is not supported on the Ollama "
+            "API yet",
+            param="format",
+        )
+    if body.think not in (None, False):
+        raise Unsupported(f"think: {body.model!r} does not support thinking", param="think")
+    if body.shift:
+        raise Unsupported(
+            "shift: codeserve never shifts the context; generation ends with done_reason "
+            '"length" when the context is full (send shift: false or leave it out)',
+            param="shift",
+        )
+
+
+async def load_or_unload(
+    request: Request, body: GenerationFields, name: str, shape: Callable[[str], BaseModel]
+) -> Response:
+    """Ollama's empty request: load the model (done_reason "load"), or unload it with
+    keep_alive 0 (done_reason "unload")."""
+    if body.keep_alive == 0:
+        await request.app.state.manager.request_unload(name)
+        return one(shape("unload"))
+    await relay.model_worker(request, name, keep_alive=body.keep_alive)
+    return one(shape("load"))

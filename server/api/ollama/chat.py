@@ -11,8 +11,7 @@ from fastapi.responses import Response
 
 from server.api import relay
 from server.api.ollama import names
-from server.api.ollama.answer import Clock, answer
-from server.api.ollama.generate import load_or_unload, refuse_common
+from server.api.ollama.answer import Clock, answer, load_or_unload, refuse_common
 from server.api.ollama.options import parse_options
 from server.api.ollama.protocol import ChatChunk, ChatMessageOut, ChatRequest, Logprob
 from server.core.budget import completion_budget

@@ -11,9 +11,9 @@ from fastapi.responses import Response
 
 from server.api import relay
 from server.api.ollama import names
-from server.api.ollama.answer import Clock, answer, one
+from server.api.ollama.answer import Clock, answer, load_or_unload, refuse_common
 from server.api.ollama.options import Options, parse_options
-from server.api.ollama.protocol import GenerateChunk, GenerateRequest, Logprob, _GenerateFields
+from server.api.ollama.protocol import GenerateChunk, GenerateRequest, Logprob
 from server.core.budget import completion_budget
 from server.core.chat import render_chat
 from server.core.fim_request import fim_prompt
@@ -21,36 +21,6 @@ from server.engine.base import Engine, GenerationRequest
 from server.errors import InvalidRequest, Unsupported
 
 router = APIRouter()
-
-
-def refuse_common(body: _GenerateFields) -> None:
-    """Fields both routes share that change the answer and are not implemented (yet)."""
-    if body.format not in (None, ""):
-        raise Unsupported(
-            "format: structured output (JSON mode / JSON schema) is not supported on the Ollama "
-            "API yet",
-            param="format",
-        )
-    if body.think not in (None, False):
-        raise Unsupported(f"think: {body.model!r} does not support thinking", param="think")
-    if body.shift:
-        raise Unsupported(
-            "shift: codeserve never shifts the context; generation ends with done_reason "
-            '"length" when the context is full (send shift: false or leave it out)',
-            param="shift",
-        )
-
-
-async def load_or_unload(
-    request: Request, body: _GenerateFields, name: str, shape: Any
-) -> Response:
-    """Ollama's empty request: load the model (done_reason "load"), or unload it with
-    keep_alive 0 (done_reason "unload")."""
-    if body.keep_alive == 0:
-        await request.app.state.manager.request_unload(name)
-        return one(shape("unload"))
-    await relay.model_worker(request, name, keep_alive=body.keep_alive)
-    return one(shape("load"))
 
 
 def _prompt(engine: Engine, body: GenerateRequest, opts: Options, n_ctx: int) -> list[int]:

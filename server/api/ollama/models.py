@@ -97,7 +97,7 @@ def go_template(engine: Engine) -> str:
 async def show(body: ShowRequest, request: Request) -> JSONResponse:
     manager = request.app.state.manager
     name = names.resolve(manager.registry, body.model or body.name)
-    cfg = manager.registry.get(name)
+    cfg: ModelConfig = manager.config(name)
     # FIM tokens and the served context are known once the model is loaded (models.toml may
     # override GGUF metadata), so show loads it, as the client's next request would anyway.
     worker = await relay.model_worker(request, name)
@@ -147,7 +147,7 @@ async def ps(request: Request) -> JSONResponse:
     now = time.time()
     for r in sorted(manager.resident(), key=lambda r: -r.expires_at):
         cfg = manager.registry.get(r.name)
-        path = manager.store.local_path(cfg)
+        path = None if cfg is None else manager.store.local_path(cfg)
         if cfg is None or path is None:
             continue
         info = await _info(path, cfg)

@@ -21,7 +21,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class _GenerateFields(_Request):
+class GenerationFields(_Request):
     model: str = ""
     stream: bool | None = None  # Ollama streams unless told not to
     format: Any = None
@@ -38,7 +38,7 @@ class _GenerateFields(_Request):
         return self.stream is not False
 
 
-class GenerateRequest(_GenerateFields):
+class GenerateRequest(GenerationFields):
     prompt: str = ""
     suffix: str = ""
     system: str = ""
@@ -62,7 +62,7 @@ class Message(_Request):
         return v.lower()  # Ollama lower-cases roles
 
 
-class ChatRequest(_GenerateFields):
+class ChatRequest(GenerationFields):
     messages: list[Message] = Field(default_factory=list)
     tools: list[Any] | None = None
 

@@ -27,7 +27,7 @@ _HEARTBEAT_S = 2.0
 async def pull(body: PullRequest, request: Request) -> Response:
     manager = request.app.state.manager
     name = names.resolve(manager.registry, body.model or body.name)
-    cfg = manager.registry.get(name)
+    cfg = manager.config(name)
     store = manager.store
 
     async def progress() -> AsyncIterator[Progress]:
