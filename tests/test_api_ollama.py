@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from datetime import UTC, datetime
 
 import ollama
@@ -261,3 +262,23 @@ def test_options_mapping():
             parse_options(bad, 4096)
     # a repetition window other than 64 is harmless while no penalty is on
     assert parse_options({"repeat_last_n": 0}, 4096).sampling.repeat_penalty == 1.0
+
+
+def test_pull_failure_after_progress_is_the_last_line(server, client, oc, monkeypatch):
+    def unreachable(cfg):
+        time.sleep(2.5)  # long enough for a heartbeat line first
+        raise ModelUnavailable(f"model {cfg.name!r}: cannot reach the hub")
+
+    monkeypatch.setattr(server.app.state.manager.store, "pull", unreachable)
+    with client.stream("POST", "/api/pull", json={"model": "qwen2.5-coder:0.5b"}) as r:
+        assert r.status_code == 200
+        lines = [json.loads(x) for x in r.iter_lines() if x]
+    assert lines[0] == {"status": "pulling manifest"}
+    assert lines[1] == {"status": "pulling qwen2.5-coder-0.5b"}
+    assert lines[-1] == {"error": "model 'qwen2.5-coder-0.5b': cannot reach the hub"}
+    with pytest.raises(ollama.ResponseError, match="cannot reach"):
+        list(oc.pull("qwen2.5-coder:0.5b", stream=True))
+    r = client.post("/api/pull", json={"model": "qwen2.5-coder:0.5b", "stream": False})
+    assert r.status_code == 503 and r.json() == {
+        "error": "model 'qwen2.5-coder-0.5b': cannot reach the hub"
+    }
