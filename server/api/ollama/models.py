@@ -85,7 +85,10 @@ def go_template(engine: Engine) -> str:
     pre, suf, mid = (
         (fam.prefix, fam.suffix, fam.middle)
         if fam is not None
-        else tuple(engine.detokenize([t]) for t in (fim.prefix, fim.suffix, fim.middle))
+        # control tokens may detokenize to nothing: name them by id rather than hide them
+        else tuple(
+            engine.detokenize([t]) or f"<token {t}>" for t in (fim.prefix, fim.suffix, fim.middle)
+        )
     )
     return (
         f"{{{{- if .Suffix }}}}{pre}{{{{ .Prompt }}}}{suf}{{{{ .Suffix }}}}{mid}"
