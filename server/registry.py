@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from server.errors import ConfigError
+from server.keepalive import KeepAlive
 
 KvCacheType = Literal["f16", "q8_0", "q4_0"]
 SpeculativeMode = Literal["off", "prompt_lookup", "draft"]
@@ -107,6 +108,12 @@ class ModelDefaults(_Strict):
     draft_max: int = Field(16, ge=1, le=32, description="most tokens drafted per target pass (K)")
     draft_adaptive: bool = Field(
         True, description="choose K per pass from the acceptance rate; false: always draft_max"
+    )
+    keep_alive: KeepAlive | None = Field(
+        None,
+        description='how long the model stays loaded once idle: "5m", "1h", seconds; negative: '
+        "never unload; 0: unload right after each request. Unset: never for the default model "
+        "and preloaded ones, 5m for the others",
     )
 
     @field_validator("flash_attn")

@@ -10,8 +10,13 @@ from fastapi import Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api import auth, errors, health
-from server.api.openai import chat, completions, fim, models
+from server.api import auth, errors, health, relay
+from server.api.ollama import chat as ollama_chat
+from server.api.ollama import errors as ollama_errors
+from server.api.ollama import generate as ollama_generate
+from server.api.ollama import models as ollama_models
+from server.api.ollama import pull as ollama_pull
+from server.api.openai import chat, completions, fim, lifecycle, models
 from server.api.openai import errors as openai_errors
 from server.engine.factory import make_engine_factory
 from server.manager import EngineFactory, ModelManager
@@ -53,7 +58,8 @@ def create_app(
     app.state.manager = manager
     app.state.metrics = metrics
     # Dialects other than OpenAI's add (path prefix, renderer) pairs here.
-    errors.install(app, default=openai_errors.render, by_prefix=[])
+    errors.install(app, default=openai_errors.render, by_prefix=[("/api/", ollama_errors.render)])
+    app.add_middleware(relay.ModelLeases, manager=manager)
     v1 = [Depends(auth.require_api_key)]
 
     @app.middleware("http")
@@ -76,7 +82,11 @@ def create_app(
     app.include_router(completions.router, dependencies=v1)
     app.include_router(chat.router, dependencies=v1)
     app.include_router(fim.router, dependencies=v1)
+    app.include_router(lifecycle.router, dependencies=v1)
     app.include_router(models.router, dependencies=v1)
+    for ollama in (ollama_generate, ollama_chat, ollama_models, ollama_pull):
+        app.include_router(ollama.router, dependencies=v1)
+    app.include_router(ollama_models.root_router)
     app.include_router(health.router)
     return app
 

@@ -10,20 +10,60 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.engine.base import Delta, Event, Finished, TokenLogprob
 from server.engine.base import Request as Request_
 from server.scheduler import ModelWorker
 
+if TYPE_CHECKING:
+    from server.manager import ModelManager
 
-async def model_worker(request: Request, name: str | None) -> ModelWorker:
-    """The worker for a request's model (loading it if needed), labelling the request with it."""
+_LEASES = "model_leases"
+
+
+async def model_worker(
+    request: Request, name: str | None, *, keep_alive: float | None = None
+) -> ModelWorker:
+    """The worker for a request's model (loading it if needed), labelling the request with it.
+
+    The model stays loaded until the response is over (``ModelLeases``); then its keep_alive,
+    or this request's ``keep_alive`` (seconds, ``server.keepalive``), starts counting.
+    """
     manager = request.app.state.manager
-    worker: ModelWorker = await manager.get(name)
+    leases: list[tuple[ModelWorker, float | None]] | None = getattr(request.state, _LEASES, None)
+    worker: ModelWorker = await manager.get(name, hold=leases is not None)
+    if leases is not None:
+        leases.append((worker, keep_alive))
     request.state.model = worker.name
     return worker
+
+
+class ModelLeases:
+    """ASGI middleware: releases the models a request used once its whole response was sent.
+
+    Pure ASGI rather than a FastAPI dependency so that a streamed body (or a client that leaves
+    mid-stream) is over before the model's keep_alive starts counting.
+    """
+
+    def __init__(self, app: ASGIApp, manager: ModelManager) -> None:
+        self.app = app
+        self.manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        leases: list[tuple[ModelWorker, float | None]] = []
+        scope.setdefault("state", {})[_LEASES] = leases
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for worker, keep_alive in leases:
+                self.manager.release(worker, keep_alive)
 
 
 async def _wait_disconnect(request: Request) -> None:
