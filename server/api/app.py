@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager, suppress
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
@@ -23,8 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: ServerSettings, registry: Registry, engine_factory: EngineFactory | None = None
+    settings: ServerSettings,
+    registry: Registry,
+    engine_factory: EngineFactory | None = None,
+    on_startup_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
+    """``on_startup_failure(reason)`` is called when the default or a ``preload`` model cannot
+    be loaded; ``codeserve serve`` then stops. Without it the error is only reported by /health.
+    """
     if engine_factory is None:
         engine_factory = make_engine_factory(
             settings.engine, settings.slots, settings.prefill_chunk
@@ -41,14 +49,16 @@ def create_app(
             for m in registry.models.values()
             if m.preload and m.name != manager.default_model
         ]
-        task = asyncio.create_task(_preload(manager, preload))
+        task = asyncio.create_task(_preload(manager, preload, on_startup_failure))
         yield
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
         await manager.close()
 
-    app = FastAPI(title="codeserve", version=__version__, lifespan=lifespan)
+    # fastapi-offline: the same FastAPI, with /docs and /redoc served from files it ships instead
+    # of a CDN, so the docs work on a machine without network access.
+    app = FastAPIOffline(title="codeserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.manager = manager
     app.state.metrics = metrics
@@ -81,10 +91,15 @@ def create_app(
     return app
 
 
-async def _preload(manager: ModelManager, names: list[str]) -> None:
+async def _preload(
+    manager: ModelManager, names: list[str], on_failure: Callable[[str], None] | None
+) -> None:
     for name in names:
         try:
             await manager.get(name)
             log.info("model %s ready", name)
         except Exception as e:  # recorded in manager.load_errors, reported by /health
             log.error("could not load model %s: %s", name, e)
+            if on_failure is not None:
+                on_failure(f"could not load model {name!r}: {e}")
+                return
