@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     # One line per HTTP call would bury the benchmarks' progress bars.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # huggingface-hub's client
     try:
         args.func(args)
     except (ConfigError, CodeserveError) as e:

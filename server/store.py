@@ -89,7 +89,8 @@ class ModelStore:
         log.info("downloading %s/%s from Hugging Face", src.hf, src.file)
         _require_reachable(name, src)
         try:
-            path = Path(hf_hub_download(src.hf, src.file, revision=src.revision))
+            # Plain tqdm: the same bar as a PyPI pull, shown also when stderr is not a terminal.
+            path = Path(hf_hub_download(src.hf, src.file, revision=src.revision, tqdm_class=tqdm))
         except Exception as e:  # huggingface-hub raises a zoo of network/offline errors
             raise ModelUnavailable(
                 f"model {name!r}: could not download {src.file} from Hugging Face repo "
@@ -97,7 +98,11 @@ class ModelStore:
                 f"copy the file somewhere and use a `path` source in models.toml."
             ) from e
         if src.sha256:
-            _check_sha256(name, path, src.sha256)
+            try:
+                _check_sha256(name, path, src.sha256)
+            except ModelUnavailable:
+                _forget_cached(path)  # else the next pull would find it in the cache and trust it
+                raise
         return path
 
     @staticmethod
@@ -151,6 +156,13 @@ class ModelStore:
             os.replace(partial, target)
         log.info("model %s unpacked to %s", name, target)
         return target
+
+
+def _forget_cached(path: Path) -> None:
+    """Remove a file huggingface-hub cached: its snapshot entry and the blob it links to."""
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
 
 
 def _require_reachable(name: str, src: HuggingFaceSource) -> None:
