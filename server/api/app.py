@@ -101,5 +101,6 @@ async def _preload(
         except Exception as e:  # recorded in manager.load_errors, reported by /health
             log.error("could not load model %s: %s", name, e)
             if on_failure is not None:
-                on_failure(f"could not load model {name!r}: {e}")
+                reason = str(e).removeprefix(f"model {name!r}: ")
+                on_failure(f"could not load model {name!r}: {reason}")
                 return
