@@ -190,7 +190,7 @@ def _add_unavailable(sub: Any, name: str, extra: str) -> None:
     _, modules = TOOLS[name]
     hint = f"pip install 'codeserve[{extra}]' (or `make test`, which installs it)"
     sp = sub.add_parser(name, help=f"needs the {extra!r} extra: {hint}", add_help=False)
-    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    sp.set_defaults(any_arguments=True)  # its real flags are unknown without its modules
 
     def unavailable(_args: argparse.Namespace) -> None:
         raise ConfigError(
@@ -202,7 +202,10 @@ def _add_unavailable(sub: Any, name: str, extra: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
