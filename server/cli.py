@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(
-        name: str, help: str, cls: type[BaseSettings], func: Callable[[argparse.Namespace], None]
+        name: str, summary: str, cls: type[BaseSettings], func: Callable[[argparse.Namespace], None]
     ) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=summary, description=summary)
         sp.set_defaults(func=func, settings=(cls, settings_flags(sp, cls)))
         return sp
 

