@@ -89,6 +89,8 @@ class ModelStore:
             return cached
         log.info("downloading %s/%s from Hugging Face", src.hf, src.file)
         _require_reachable(name, src)
+        if src.sha256:
+            _check_hub_etag(name, src, src.sha256)
         try:
             # Plain tqdm: the same bar as a PyPI pull, shown also when stderr is not a terminal.
             path = Path(hf_hub_download(src.hf, src.file, revision=src.revision, tqdm_class=tqdm))
@@ -158,6 +160,26 @@ class ModelStore:
             os.replace(partial, target)
         log.info("model %s unpacked to %s", name, target)
         return target
+
+
+def _check_hub_etag(name: str, src: HuggingFaceSource, sha256: str) -> None:
+    """Refuse before downloading when the Hub says the file is not the one pinned.
+
+    For a file stored with LFS (every GGUF) the Hub's ETag is the content's sha256.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        etag = get_hf_file_metadata(hf_hub_url(src.hf, src.file, revision=src.revision)).etag
+    except Exception:  # the download that follows reports network and repo errors
+        return
+    etag = (etag or "").lower()
+    if re.fullmatch(r"[0-9a-f]{64}", etag) and etag != sha256.lower():
+        raise ModelUnavailable(
+            f"model {name!r}: sha256 mismatch: {src.hf}/{src.file} at revision "
+            f"{src.revision or 'main'} is {etag} on the Hub, models.toml pins {sha256}; "
+            "not downloading it"
+        )
 
 
 def _forget_cached(path: Path) -> None:

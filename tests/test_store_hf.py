@@ -141,7 +141,7 @@ def test_download_with_progress_then_served_from_cache(tmp_path, hub):
     path = Path(out.stdout.split(": ", 1)[1].rsplit(" (", 1)[0])
     assert path.read_bytes() == data
     assert f"snapshots/{commit}/{FILE}" in str(path)
-    assert [r[0] for r in hub.requests] == ["HEAD", "GET"]
+    assert [r[0] for r in hub.requests] == ["HEAD", "HEAD", "GET"]  # ours checks the pin first
     # huggingface-hub's progress bar, sized from the metadata, reached the whole file.
     assert "100%" in out.stderr and FILE in out.stderr
     hub.requests.clear()
@@ -189,4 +189,13 @@ def test_sha256_mismatch_is_refused_and_leaves_nothing(tmp_path, hub):
     hub.requests.clear()
     again = pull(tmp_path, hub, sha256=expected)
     assert again.returncode == 0, again.stderr
-    assert [r[0] for r in hub.requests] == ["HEAD", "GET"]
+    assert [r[0] for r in hub.requests] == ["HEAD", "HEAD", "GET"]
+
+
+def test_a_pin_the_hub_contradicts_is_refused_before_downloading(tmp_path, hub):
+    data, _ = CONTENT["main"]
+    out = pull(tmp_path, hub, sha256="0" * 64)
+    assert out.returncode == 2
+    assert "sha256 mismatch" in out.stderr and hashlib.sha256(data).hexdigest() in out.stderr
+    assert [r[0] for r in hub.requests] == ["HEAD"], "no byte of the file was fetched"
+    assert cached_files(tmp_path) == []
