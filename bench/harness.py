@@ -227,10 +227,10 @@ def target(model: str | None = None, gguf: Path | None = None) -> Target:
     that file with the model's settings (e.g. an F16 build from `codeserve quantize`)."""
     from server.engine.base import available_cores
     from server.registry import load_registry
-    from server.settings import ServerSettings
+    from server.settings import StoreSettings
     from server.store import ModelStore
 
-    settings = ServerSettings()
+    settings = StoreSettings()
     registry = load_registry(settings.models_file)
     cfg = registry.models[model or registry.default_model]
     path = gguf.resolve() if gguf else ModelStore(registry, settings.cache_dir).pull(cfg)

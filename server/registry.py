@@ -213,6 +213,8 @@ def parse_registry(raw: dict, path: Path) -> Registry:
         raise ConfigError(f"{path}:\n{_describe(e, 'defaults')}") from None
     models: dict[str, ModelConfig] = {}
     problems: list[str] = []
+    # Models with their own errors are still names: references to them are not errors too.
+    declared = set(raw.get("models", {}))
     for name, table in raw.get("models", {}).items():
         prefix = f'models."{name}"'
         if not isinstance(table, dict):
@@ -227,7 +229,7 @@ def parse_registry(raw: dict, path: Path) -> Registry:
     if not models and not problems:
         problems.append('no [models."NAME"] tables')
     for m in models.values():
-        if m.draft is not None and m.draft not in models:
+        if m.draft is not None and m.draft not in declared:
             problems.append(f'models."{m.name}".draft: names no model: "{m.draft}"')
         if m.draft == m.name:
             problems.append(f'models."{m.name}".draft: a model cannot be its own draft')
@@ -241,7 +243,7 @@ def parse_registry(raw: dict, path: Path) -> Registry:
         problems.append(
             "default_model: missing or not a string (the model served when a request names none)"
         )
-    elif models and default_model not in models:
+    elif declared and default_model not in declared:
         problems.append(f'default_model: names no model: "{default_model}"')
     if problems:
         raise ConfigError(f"{path}:\n" + "\n".join(problems))

@@ -29,7 +29,7 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def run(app: FastAPI, settings: ServerSettings, **uvicorn_options: Any) -> None:
+def make_server(app: FastAPI, settings: ServerSettings, **uvicorn_options: Any) -> DrainingServer:
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -39,4 +39,4 @@ def run(app: FastAPI, settings: ServerSettings, **uvicorn_options: Any) -> None:
         timeout_graceful_shutdown=2,
         **uvicorn_options,
     )
-    DrainingServer(config, app, settings.shutdown_drain_s).run()
+    return DrainingServer(config, app, settings.shutdown_drain_s)
