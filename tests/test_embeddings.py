@@ -397,5 +397,28 @@ def test_ollama_legacy_embeddings(server, embed_gguf: Path, reference: BertRefer
     assert cos_dist(vec, reference.embed(QUERY)) < 1e-3
     r = httpx.post(server.url + "/api/embeddings", json={"model": MODEL, "prompt": ""})
     assert r.status_code == 200 and r.json() == {"embedding": []}
-    r = httpx.post(server.url + "/api/embeddings", json={"model": MODEL})
-    assert r.status_code == 400
+    r = httpx.post(server.url + "/api/embeddings", json={"model": MODEL + ":latest"})
+    assert r.status_code == 200 and r.json() == {"embedding": []}  # only loads the model
+    r = httpx.post(server.url + "/api/embeddings", json={"model": "smollm2-135m", "prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"].startswith("model 'smollm2-135m'")
+
+
+def test_ollama_show_and_unload_an_embedding_model(server, embed_gguf: Path) -> None:
+    r = httpx.post(server.url + "/api/show", json={"model": MODEL}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["capabilities"] == ["embedding"]
+    assert r.json()["model_info"]["general.architecture"] == "bert"
+    r = httpx.post(server.url + "/api/embed", json={"model": MODEL, "input": "x"}, timeout=120)
+    assert r.status_code == 200
+    assert MODEL in [m["model"].removesuffix(":latest") for m in _ps(server)]
+    r = httpx.post(
+        server.url + "/api/embed", json={"model": MODEL, "input": [], "keep_alive": 0}, timeout=120
+    )
+    assert r.status_code == 200 and r.json()["embeddings"] == []
+    assert MODEL not in [m["model"].removesuffix(":latest") for m in _ps(server)]
+
+
+def _ps(server) -> list[dict]:
+    r = httpx.get(server.url + "/api/ps", timeout=30)
+    assert r.status_code == 200
+    return r.json()["models"]

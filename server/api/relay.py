@@ -8,33 +8,38 @@ errors known before that first event (queue full, queue timeout) still become pr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.engine.base import (
-    Delta,
-    Embedded,
-    EmbeddingRequest,
-    End,
-    Event,
-    Finished,
-    GenerationRequest,
-    TokenLogprob,
-)
+from server.engine.base import Delta, Embedded, EmbeddingRequest, Event, Finished, TokenLogprob
+from server.engine.base import Request as Request_
 from server.errors import InvalidRequest
 from server.registry import ModelKind
 from server.scheduler import ModelWorker
 
+if TYPE_CHECKING:
+    from server.manager import ModelManager
+
+_LEASES = "model_leases"
+
 
 async def model_worker(
-    request: Request, name: str | None, *, kind: ModelKind | None = "generation"
+    request: Request,
+    name: str | None,
+    *,
+    keep_alive: float | None = None,
+    kind: ModelKind | None = "generation",
 ) -> ModelWorker:
     """The worker for a request's model (loading it if needed), labelling the request with it.
 
-    ``kind`` is what the route does with it: a model of another kind is a 400 naming `model`
-    before anything is loaded (None: any kind, for routes that only describe a model).
+    The model stays loaded until the response is over (``ModelLeases``); then its keep_alive,
+    or this request's ``keep_alive`` (seconds, ``server.keepalive``), starts counting.
+    ``kind`` is what the route does with the model: a model of another kind is a 400 naming
+    `model` before anything is loaded (None: any kind, for routes that only describe a model).
     """
     manager = request.app.state.manager
     if kind is not None and (cfg := manager.config(name)).kind != kind:
@@ -43,9 +48,36 @@ async def model_worker(
         else:
             message = f"model {cfg.name!r} generates text; it cannot compute embeddings"
         raise InvalidRequest(message, param="model")
-    worker: ModelWorker = await manager.get(name)
+    leases: list[tuple[ModelWorker, float | None]] | None = getattr(request.state, _LEASES, None)
+    worker: ModelWorker = await manager.get(name, hold=leases is not None)
+    if leases is not None:
+        leases.append((worker, keep_alive))
     request.state.model = worker.name
     return worker
+
+
+class ModelLeases:
+    """ASGI middleware: releases the models a request used once its whole response was sent.
+
+    Pure ASGI rather than a FastAPI dependency so that a streamed body (or a client that leaves
+    mid-stream) is over before the model's keep_alive starts counting.
+    """
+
+    def __init__(self, app: ASGIApp, manager: ModelManager) -> None:
+        self.app = app
+        self.manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        leases: list[tuple[ModelWorker, float | None]] = []
+        scope.setdefault("state", {})[_LEASES] = leases
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for worker, keep_alive in leases:
+                self.manager.release(worker, keep_alive)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -58,13 +90,21 @@ class ClientGone(Exception):
 
 
 async def start(
-    worker: ModelWorker, greq: GenerationRequest, request: Request, label: str
+    worker: ModelWorker, greq: Request_, request: Request, label: str
 ) -> AsyncIterator[Event]:
     """Queue the request and wait for its first event, dropping it if the client leaves first."""
     events = worker.stream(greq, label=label)
     first = asyncio.ensure_future(anext(events))
     gone = asyncio.ensure_future(_wait_disconnect(request))
-    await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # The handler itself was cancelled (server shutdown): the request must not run on.
+        gone.cancel()
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await events.aclose()
+        raise
     if not first.done():
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
@@ -73,7 +113,7 @@ async def start(
     gone.cancel()
     head = first.result()  # re-raises Overloaded / QueueTimeout / ModelUnavailable as HTTP errors
 
-    async def chained() -> AsyncIterator[Event]:
+    async def chained() -> AsyncGenerator[Event, None]:
         try:
             yield head
             async for event in events:
@@ -98,13 +138,13 @@ async def collect(events: AsyncIterator[Event], request: Request, n: int) -> lis
 
     async def consume() -> None:
         async for ev in events:
-            c = choices[ev.index]
             if isinstance(ev, Delta):
+                c = choices[ev.index]
                 c.text += ev.text
                 c.token_ids.extend(ev.token_ids)
                 c.logprobs.extend(ev.logprobs)
-            else:
-                c.finish = ev
+            elif isinstance(ev, Finished):
+                choices[ev.index].finish = ev
 
     task = asyncio.ensure_future(consume())
     gone = asyncio.ensure_future(_wait_disconnect(request))
@@ -125,35 +165,25 @@ def finish_reason(f: Finished | None) -> str | None:
 async def embed(
     worker: ModelWorker, ereq: EmbeddingRequest, request: Request, label: str
 ) -> list[Embedded]:
-    """Run an embedding request to its end; a client that leaves cancels it."""
-    # TEMPORARY until the scheduler takes every request type through `engine.submit` ("Scheduler:
-    # one engine contract"): the engine is called directly, outside the worker's queue bound,
-    # queue timeout and metrics. `label` is for the request log the scheduler writes.
-    del label
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
+    """Run an embedding request through the model's admission to its end, dropping it if the
+    client leaves; its vectors, in the order the engine delivered them."""
+    if not ereq.inputs:
+        return []
+    events = await start(worker, ereq, request, label)
+    got: list[Embedded] = []
 
-    def sink(ev: Event) -> None:  # called on the engine's thread
-        loop.call_soon_threadsafe(events.put_nowait, ev)
-
-    handle = worker.engine.submit(ereq, sink)
-
-    async def consume() -> list[Embedded]:
-        got: list[Embedded] = []
-        while not isinstance(ev := await events.get(), End):
+    async def consume() -> None:
+        async for ev in events:
             if isinstance(ev, Embedded):
                 got.append(ev)
-        if ev.error is not None:
-            raise ev.error
-        return got
 
     task = asyncio.ensure_future(consume())
     gone = asyncio.ensure_future(_wait_disconnect(request))
     await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     if not task.done():
-        handle.cancel()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         raise ClientGone
     gone.cancel()
-    return task.result()
+    task.result()
+    return got
