@@ -411,6 +411,8 @@ def test_ollama_show_and_unload_an_embedding_model(server, embed_gguf: Path) -> 
     r = httpx.post(server.url + "/api/embed", json={"model": MODEL, "input": "x"}, timeout=120)
     assert r.status_code == 200
     assert MODEL in [m["model"].removesuffix(":latest") for m in _ps(server)]
+    metrics = httpx.get(server.url + "/metrics", timeout=30)
+    assert metrics.status_code == 200 and f'model="{MODEL}"' in metrics.text
     r = httpx.post(
         server.url + "/api/embed", json={"model": MODEL, "input": [], "keep_alive": 0}, timeout=120
     )

@@ -115,6 +115,8 @@ class EmbeddingEngine:
         )
         # Requests admitted at once: they are batched together, so more than one pays off.
         self.capacity = slots
+        # The tokens one decode holds; nothing stays cached between decodes (kv_tokens() is 0).
+        self.kv_cells = self._n_batch
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"embed-{cfg.name}", daemon=True)
