@@ -424,3 +424,39 @@ def _ps(server) -> list[dict]:
     r = httpx.get(server.url + "/api/ps", timeout=30)
     assert r.status_code == 200
     return r.json()["models"]
+
+
+# -- registry and store --------------------------------------------------------------------------
+
+
+def test_registry_types_the_embedding_keys(tmp_path: Path) -> None:
+    from server.errors import ConfigError
+    from server.registry import parse_registry
+
+    src = {"pypi": "p==1", "file": "p/model.zip", "convert": "bert"}
+    reg = parse_registry(
+        {"default_model": "e", "models": {"e": {"source": src, "kind": "embedding"}}},
+        tmp_path / "models.toml",
+    )
+    assert reg.models["e"].kind == "embedding"
+    for bad, where in [
+        ({"source": src, "kind": "embed"}, "kind"),
+        ({"source": {**src, "convert": "t5"}}, "convert"),
+        ({"source": src, "kind": "embedding", "fim": "qwen"}, "fim"),
+    ]:
+        with pytest.raises(ConfigError, match=where):
+            parse_registry({"default_model": "e", "models": {"e": bad}}, tmp_path / "m.toml")
+
+
+def test_a_checkpoint_that_is_not_a_zip_is_refused(tmp_path: Path) -> None:
+    from server.errors import ModelUnavailable
+    from server.store import _unzip_checkpoint
+
+    archive = tmp_path / "model.zip"
+    archive.write_bytes(b"not a zip")
+    with pytest.raises(ModelUnavailable, match="not a zip archive"):
+        _unzip_checkpoint("e", archive, tmp_path / "out")
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("README.md", "no checkpoint here")
+    with pytest.raises(ModelUnavailable, match=r"config\.json"):
+        _unzip_checkpoint("e", archive, tmp_path / "out2")
