@@ -40,7 +40,7 @@ def create_app(
     """
     if engine_factory is None:
         engine_factory = make_engine_factory(
-            settings.engine, settings.slots, settings.prefill_chunk
+            settings.engine, settings.slots, settings.prefill_chunk, settings.prompt_cache()
         )
     metrics = Metrics()
     manager = ModelManager(registry, settings, engine_factory, metrics)
