@@ -11,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
 from server.api import auth, errors, health
+from server.api.llamacpp import errors as llamacpp_errors
+from server.api.llamacpp import routes as llamacpp
 from server.api.openai import chat, completions, fim, models
 from server.api.openai import errors as openai_errors
 from server.engine.factory import make_engine_factory
@@ -53,7 +55,11 @@ def create_app(
     app.state.manager = manager
     app.state.metrics = metrics
     # Dialects other than OpenAI's add (path prefix, renderer) pairs here.
-    errors.install(app, default=openai_errors.render, by_prefix=[])
+    errors.install(
+        app,
+        default=openai_errors.render,
+        by_prefix=[(p, llamacpp_errors.render) for p in llamacpp_errors.PREFIXES],
+    )
     v1 = [Depends(auth.require_api_key)]
 
     @app.middleware("http")
@@ -77,6 +83,7 @@ def create_app(
     app.include_router(chat.router, dependencies=v1)
     app.include_router(fim.router, dependencies=v1)
     app.include_router(models.router, dependencies=v1)
+    app.include_router(llamacpp.router, dependencies=v1)
     app.include_router(health.router)
     return app
 
