@@ -306,6 +306,34 @@ def test_n_probs(client):
     assert all(len(p["top_logprobs"]) == 3 and p["logprob"] <= 0 for p in probs)
 
 
+ENGINE_CONSTRAINTS = pytest.mark.xfail(
+    reason="the engines apply logit_bias and ignore_eos from main's commit 'Engines: grammar, "
+    "logit bias and ignore_eos per sequence'; drop this mark once it is merged",
+    strict=False,
+)
+
+
+@ENGINE_CONSTRAINTS
+def test_logit_bias_bans_a_token(client):
+    body = {"prompt": CODE, "n_predict": 6, "temperature": 0, "return_tokens": True}
+    free = client.post("/completion", json=body).json()
+    first = free["tokens"][0]
+    for bias in ([[first, False]], {str(first): -1000}):
+        out = client.post("/completion", json={**body, "logit_bias": bias}).json()
+        assert out["tokens"][0] != first
+        assert out["generation_settings"]["logit_bias"][0]["token"] == first
+
+
+@ENGINE_CONSTRAINTS
+def test_ignore_eos_runs_to_n_predict(fim):
+    body = {**vscode_infill(PREFIX, SUFFIX, "", 0), "n_predict": 8, "temperature": 0}
+    body["samplers"] = ["temperature"]
+    free = fim.post("/infill", json=body).json()
+    assert free["stop_type"] == "eos" and free["tokens_predicted"] < 8
+    out = fim.post("/infill", json={**body, "ignore_eos": True}).json()
+    assert out["tokens_predicted"] == 8 and out["stop_type"] == "limit"
+
+
 def test_n_indent_cuts_where_llama_server_does(client):
     body = {"prompt": CODE, "n_predict": 48, "temperature": 0}
     free = client.post("/completion", json=body).json()["content"]
