@@ -15,7 +15,7 @@ import json
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -120,7 +120,10 @@ def sse_text(line: bytes) -> tuple[str, dict | None]:
     return "".join(c.get("text") or "" for c in event.get("choices", [])), event
 
 
-def stream_text(url: str, path: str, body: dict, text_of, timeout: float = 300) -> Sample:
+TextOf = Callable[[bytes], tuple[str, dict | None]]
+
+
+def stream_text(url: str, path: str, body: dict, text_of: TextOf, timeout: float = 300) -> Sample:
     """A streamed request; `text_of(line)` gives a line's generated text and parsed event.
 
     TTFT is when the first line carrying text arrived; latency when the last byte did.
@@ -157,7 +160,7 @@ def post(url: str, path: str, body: dict, timeout: float = 600) -> dict:
     return json.loads(data)
 
 
-def overhead(get, rounds: int = 50) -> dict:
+def overhead(get: Callable[[], object], rounds: int = 50) -> dict:
     """The client's own cost of one request: median CPU seconds of the calling thread (and the
     median wall time for reference), over `rounds` calls of ``get()`` after one warm-up."""
     get()

@@ -24,7 +24,6 @@ from bench import client
 from bench.harness import codeserve, summary
 
 Body = Callable[[str, str, str, int], dict]
-TextOf = Callable[[bytes], tuple[str, dict | None]]
 
 
 def _native_text(line: bytes) -> tuple[str, dict | None]:
@@ -42,7 +41,7 @@ def _ndjson_text(line: bytes) -> tuple[str, dict | None]:
     return event.get("response") or "", event
 
 
-DIALECTS: dict[str, tuple[str, Body, TextOf]] = {
+DIALECTS: dict[str, tuple[str, Body, client.TextOf]] = {
     "/infill": (
         "/infill",
         lambda model, pre, suf, n: {

@@ -28,7 +28,7 @@ def _conditions(rep: dict) -> list[str]:
     out = []
     n = rep.get("plan", {}).get("contention", 0)
     if n:
-        out.append(f"Contended: {n} busy-loop processes ran through the whole measurement.")
+        out.append(f"Contended: {n} busy-loop process{'es' if n != 1 else ''} ran throughout.")
     overhead = rep.get("client_overhead") or {}
     if overhead:
         out.append(

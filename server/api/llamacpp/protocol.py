@@ -67,6 +67,8 @@ class GenerationFields(_Request):
     def _stops(cls, v: Any) -> Any:
         if v is None:
             return []
+        if isinstance(v, str):  # llama-server wants a list; one string is read as one stop
+            return [v] if v else []
         if isinstance(v, list) and len(v) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop strings are supported, got {len(v)}")
         if isinstance(v, list):
