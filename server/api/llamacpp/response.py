@@ -4,6 +4,8 @@ Field for field what llama-server's ``to_json_non_oaicompat`` writes. Where code
 a value llama-server reports, the module says so: ``id_slot`` is -1 (the engine does not expose
 slot identities), and ``stop_type`` tells "word" from "eos" by whether the engine held back
 tokens (a stop string's) — a stop string that starts and ends inside one token reads as "eos".
+A choice that ``n_indent`` or ``t_max_predict_ms`` ended reports ``cache_n`` 0: the engine's
+own figures for it are not known (see ``server.core.line_rules``).
 """
 
 from __future__ import annotations
