@@ -325,6 +325,17 @@ def test_ignore_eos_runs_to_n_predict(fim):
     assert out["tokens_predicted"] == 8 and out["stop_type"] == "limit"
 
 
+def test_grammar(client):
+    body = {"prompt": "Is water wet? Answer:", "n_predict": 8, "grammar": 'root ::= " yes" | " no"'}
+    for stream in (False, True):
+        if stream:
+            events = sse_events(client, "/completion", {**body, "stream": True})
+            text = "".join(e["content"] for e in events)
+        else:
+            text = client.post("/completion", json=body).json()["content"]
+        assert text in (" yes", " no")
+
+
 def test_n_indent_cuts_where_llama_server_does(client):
     body = {"prompt": CODE, "n_predict": 48, "temperature": 0}
     free = client.post("/completion", json=body).json()["content"]
@@ -407,7 +418,7 @@ def test_props_and_slots(client, fim):
         ("/completion", {"prompt": ["a", "b"]}, "prompt"),
         ("/completion", {"prompt": [-1, 2]}, "prompt"),
         ("/completion", {"prompt": "x", "n_predict": -2}, "n_predict"),
-        ("/completion", {"prompt": "x", "grammar": 'root ::= "a"'}, "grammar"),
+        ("/completion", {"prompt": "x", "grammar": "root ::= undefined-rule"}, "grammar"),
         ("/completion", {"prompt": "x", "json_schema": {"type": "object"}}, "json_schema"),
         ("/completion", {"prompt": "x", "mirostat": 2}, "mirostat"),
         ("/completion", {"prompt": "x", "samplers": ["top_k", "bogus"]}, "samplers"),

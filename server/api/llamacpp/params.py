@@ -148,13 +148,15 @@ def refuse_unsupported(body: GenerationFields) -> None:
 def constraint(body: GenerationFields) -> str | None:
     """The GBNF grammar every choice must match, from ``grammar`` or ``json_schema``.
 
-    The one place the shared grammar module plugs in; until then both are refused.
+    The one place the shared grammar module plugs in. llama-server's ``grammar`` is GBNF with a
+    root rule ``root``, which the engines take as it is (one that does not parse is their 400);
+    ``json_schema`` needs the schema-to-grammar conversion and is refused until it exists.
     """
     if body.json_schema is not None:
-        raise Unsupported("json_schema is not supported yet", param="json_schema")
-    if body.grammar:
-        raise Unsupported("grammar is not supported yet", param="grammar")
-    return None
+        raise Unsupported(
+            "json_schema is not supported yet; send a GBNF grammar", param="json_schema"
+        )
+    return body.grammar or None
 
 
 def logit_bias(body: GenerationFields, engine: Engine) -> tuple[tuple[int, float], ...]:

@@ -126,7 +126,7 @@ class Answer:
             ],
             "n_probs": b.n_probs,
             "min_keep": b.min_keep,
-            "grammar": "",
+            "grammar": b.grammar or "",
             "samplers": self.samplers,
             "n_indent": b.n_indent,
             "t_max_predict_ms": b.t_max_predict_ms,
