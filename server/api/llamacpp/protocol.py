@@ -86,16 +86,16 @@ class GenerationFields(_Request):
 
 class CompletionRequest(GenerationFields):
     # A string, token ids, or a one-element list of either (llama-server's batch of prompts).
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[int]
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, v: Any) -> str | list[int]:
+    def _one_prompt(cls, v: Any) -> Any:
         if isinstance(v, list) and v and isinstance(v[0], str | list):
             if len(v) != 1:
                 raise ValueError("only one prompt per request is supported; send one request each")
-            return v[0]  # type: ignore[no-any-return]
-        return v  # type: ignore[no-any-return]
+            return v[0]
+        return v
 
 
 class ExtraChunk(_Request):

@@ -36,7 +36,9 @@ def timings(f: Finished | None) -> dict[str, Any]:
     }
 
 
-def probabilities(ids: list[int] | tuple[int, ...], entries: list[TokenLogprob]) -> list[dict]:
+def probabilities(
+    ids: list[int] | tuple[int, ...], entries: list[TokenLogprob]
+) -> list[dict[str, Any]]:
     """``completion_probabilities`` (pre-sampling log-probabilities, post_sampling_probs false).
 
     The alternatives carry no ``id``: the engine reports them by text.

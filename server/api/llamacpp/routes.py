@@ -7,6 +7,8 @@ it the default model answers.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
@@ -97,9 +99,9 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     return JSONResponse({"content": worker.engine.detokenize(body.tokens)})
 
 
-def _slots(worker: ModelWorker) -> list[dict]:
+def _slots(worker: ModelWorker) -> list[dict[str, Any]]:
     # Which slot runs what is the engine's business: the first `running` slots read as busy.
-    total = getattr(worker.engine, "capacity", 1)
+    total = worker.capacity
     n_ctx = worker.engine.info.n_ctx
     return [
         {
