@@ -460,3 +460,19 @@ def test_a_checkpoint_that_is_not_a_zip_is_refused(tmp_path: Path) -> None:
         zf.writestr("README.md", "no checkpoint here")
     with pytest.raises(ModelUnavailable, match=r"config\.json"):
         _unzip_checkpoint("e", archive, tmp_path / "out2")
+
+
+def test_native_tokenize_gives_ids_that_embed_like_the_text(embed_client: httpx.Client) -> None:
+    r = embed_client.post("/tokenize", json={"model": MODEL, "content": QUERY, "add_special": True})
+    assert r.status_code == 200, r.text
+    ids = r.json()["tokens"]
+    assert ids[0] == 101 and ids[-1] == 102  # [CLS] ... [SEP]
+    by_ids, by_text = (
+        embed_client.post("/v1/embeddings", json={"model": MODEL, "input": x}).json()["data"][0]
+        for x in (ids, QUERY)
+    )
+    assert cos_dist(np.array(by_ids["embedding"]), np.array(by_text["embedding"])) < 1e-6
+    r = embed_client.post(
+        "/infill", json={"model": MODEL, "input_prefix": "a", "input_suffix": "b"}
+    )
+    assert r.status_code == 400 and "embedding model" in r.text

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from server.engine.base import (
+    CacheStats,
     Embedded,
     EmbeddingRequest,
     End,
@@ -149,6 +150,9 @@ class EmbeddingEngine:
 
     def kv_tokens(self) -> int:
         return 0
+
+    def cache_stats(self) -> CacheStats:
+        return CacheStats()  # no prompt cache: every input is evaluated whole
 
     def close(self) -> None:
         self._queue.put(None)
