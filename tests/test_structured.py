@@ -200,3 +200,9 @@ def test_accepted_no_op_fields(openai_client):
         safety_identifier="s",
     )
     assert out.choices[0].message.content is not None
+
+
+def test_ignore_eos_with_a_grammar_is_a_400(client):
+    body = {"prompt": "x", "grammar": 'root ::= "a"', "ignore_eos": True, "max_tokens": 2}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"

@@ -79,6 +79,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     worker = await relay.model_worker(request, body.model)
     info = worker.engine.info
     plan = constraints.tool_plan(body)
+    gbnf = constraints.chat_grammar(body, plan, detect_format(info.chat_template))
     prompt = render_prompt(worker.engine, body, plan)
     wanted = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
@@ -91,9 +92,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         logprobs=top,
         time_budget_s=params.time_budget(body),
         speculation=params.speculation(body),
-        grammar=constraints.chat_grammar(body, plan, detect_format(info.chat_template)),
+        grammar=gbnf,
         logit_bias=constraints.logit_bias(body, info.n_vocab),
-        ignore_eos=body.ignore_eos,
+        ignore_eos=constraints.check_ignore_eos(body, gbnf),
     )
     return await respond(worker, greq, request, body, label="chat", tools=plan)
 

@@ -75,6 +75,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         prompt, prompt_text = list(body.prompt), engine.detokenize(list(body.prompt))
     if not prompt:
         raise InvalidRequest("prompt is empty", param="prompt")
+    gbnf = constraints.content_grammar(body)
     greq = GenerationRequest(
         prompt=prompt,
         max_tokens=completion_budget(engine.info.n_ctx, len(prompt), _max_tokens(body)),
@@ -84,9 +85,9 @@ async def create_completion(body: CompletionRequest, request: Request):
         logprobs=body.logprobs,
         time_budget_s=params.time_budget(body),
         speculation=params.speculation(body),
-        grammar=constraints.content_grammar(body),
+        grammar=gbnf,
         logit_bias=constraints.logit_bias(body, engine.info.n_vocab),
-        ignore_eos=body.ignore_eos,
+        ignore_eos=constraints.check_ignore_eos(body, gbnf),
     )
     cid, created, model = new_id("cmpl"), now(), worker.name
     echo = prompt_text if body.echo else ""

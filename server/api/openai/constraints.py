@@ -67,6 +67,17 @@ def _content_rule(body: _ConstraintFields, b: grammar.GrammarBuilder) -> str | N
     return None
 
 
+def check_ignore_eos(body: _ConstraintFields, grammar_: str | None) -> bool:
+    """``ignore_eos`` for the request. With a grammar it is refused: once the grammar is complete
+    only end-of-generation tokens are allowed, so banning them leaves no token to sample."""
+    if body.ignore_eos and grammar_ is not None:
+        raise InvalidRequest(
+            "`ignore_eos` cannot be combined with a grammar, JSON schema or forced tool call",
+            param="ignore_eos",
+        )
+    return body.ignore_eos
+
+
 def logit_bias(body: _ConstraintFields, n_vocab: int) -> tuple[tuple[int, float], ...]:
     """(token id, bias) pairs; OpenAI's -100 becomes a ban (-inf), as its docs describe it."""
     out = []
