@@ -15,6 +15,7 @@ from server.api.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
+    ChatMessage,
     ChatTokenLogprob,
     FunctionCallOut,
     ToolCallOut,
@@ -38,13 +39,13 @@ from server.engine.base import Delta, Engine, Event, Finished, GenerationRequest
 router = APIRouter()
 
 
-def _message(m) -> dict:
+def _message(m: ChatMessage) -> dict:
     out: dict = {"role": m.role, "content": m.text()}
     if m.tool_calls:
         out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
-    if m.name is not None and m.role == "tool":
+    if m.name is not None:  # templates that know participant (or tool) names render it
         out["name"] = m.name
     return out
 
