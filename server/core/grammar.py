@@ -46,6 +46,7 @@ ENFORCED_FORMATS = frozenset(
 PRIMITIVES = frozenset({"string", "number", "integer", "boolean", "null", "object", "array"})
 MAX_GRAMMAR_CHARS = 256 * 1024  # the parser recurses per nesting level: bound what it is handed
 _MAX_REF_DEPTH = 64
+_TOKEN_REF = re.compile(r"!?<[^<>\s]+>")
 _LITERAL_ESCAPE = re.compile(r'[\\"\x00-\x1f\x7f]')
 
 
@@ -249,7 +250,7 @@ def check_gbnf(gbnf: str, *, param: str = "grammar", vocab: Any = None) -> str:
 
     Parsed by ``llama_sampler_init_grammar`` itself, so the check is the decode loop's own. With
     ``vocab`` (a ``llama_vocab`` pointer) token references such as ``<|im_end|>`` resolve; without
-    one, a grammar that uses them is refused.
+    one, a grammar that may use them is left to the engine, which parses it with its vocabulary.
     """
     import llama_cpp
 
@@ -261,14 +262,15 @@ def check_gbnf(gbnf: str, *, param: str = "grammar", vocab: Any = None) -> str:
         raise InvalidRequest("grammar contains a NUL character", param=param)
     if not re.search(r"(?m)^\s*root\s*::=", gbnf):
         raise InvalidRequest("grammar has no `root ::= ...` rule", param=param)
+    if vocab is None and _TOKEN_REF.search(gbnf):
+        # Token references (<|im_end|>, <[42]>) need the model's vocabulary: the engine parses
+        # the grammar with it when the request is submitted, and a failure there is a 400 too.
+        return gbnf
     sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
     if not sampler:
-        hint = (
-            "" if vocab is not None else "; token references such as <|im_end|> are not supported"
-        )
         raise InvalidRequest(
             "grammar is not valid GBNF (llama.cpp could not parse it; see "
-            f"https://github.com/ggml-org/llama.cpp/blob/master/grammars/README.md){hint}",
+            "https://github.com/ggml-org/llama.cpp/blob/master/grammars/README.md)",
             param=param,
         )
     llama_cpp.llama_sampler_free(sampler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -25,7 +26,7 @@ from server.api.openai.protocol import (
 )
 from server.api.openai.streaming import sse, usage
 from server.core.budget import completion_budget
-from server.core.chat import render_chat
+from server.core.chat import chat_prompt
 from server.core.tools import (
     ArgumentsDelta,
     CallStart,
@@ -50,12 +51,13 @@ def _message(m: ChatMessage) -> dict:
     return out
 
 
-def render_prompt(
+async def render_prompt(
     engine: Engine, body: ChatCompletionRequest, plan: ToolPlan | None = None
 ) -> list[int]:
+    """The prompt's token ids; rendering and tokenizing run off the event loop."""
     messages = [_message(m) for m in body.messages]
-    text, has_bos = render_chat(engine.info, messages, plan.functions if plan else ())
-    return engine.tokenize(text, add_bos=not has_bos)
+    functions = plan.functions if plan else ()
+    return await asyncio.to_thread(chat_prompt, engine, messages, functions)
 
 
 def _chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
@@ -77,11 +79,11 @@ def _chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    worker = await relay.model_worker(request, body.model)
+    worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     info = worker.engine.info
     plan = constraints.tool_plan(body)
     gbnf = constraints.chat_grammar(body, plan, detect_format(info.chat_template))
-    prompt = render_prompt(worker.engine, body, plan)
+    prompt = await render_prompt(worker.engine, body, plan)
     wanted = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     greq = GenerationRequest(
