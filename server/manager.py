@@ -291,7 +291,7 @@ class ModelManager:
                 "retry later"
             )
 
-    def state(self) -> list[dict]:
+    def state(self) -> list[dict[str, Any]]:
         """Live figures per resident model, read at scrape time (see server.metrics)."""
         rows = []
         for name, w in list(self._workers.items()):
