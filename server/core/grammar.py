@@ -21,6 +21,9 @@ from llama_cpp import llama_grammar as lg
 
 from server.errors import InvalidRequest, Unsupported
 
+# The converter module has no annotations; it is used through this one untyped name.
+_SchemaConverter: Any = lg.SchemaConverter
+
 # Keywords that describe a schema without constraining its instances: dropped before conversion.
 ANNOTATIONS = frozenset(
     {
@@ -60,7 +63,7 @@ def _escape(m: re.Match[str]) -> str:
 class _Walker:
     """Checks one schema against what the converter enforces, building the copy it converts."""
 
-    def __init__(self, root: dict, param: str):
+    def __init__(self, root: dict[str, Any], param: str):
         self.root, self.param = root, param
 
     def unsupported(self, keyword: str, path: str, why: str = "is not supported") -> Unsupported:
@@ -69,7 +72,7 @@ class _Walker:
     def invalid(self, what: str) -> InvalidRequest:
         return InvalidRequest(f"JSON schema: {what}", param=self.param)
 
-    def only(self, s: dict, allowed: set[str], path: str, where: str) -> None:
+    def only(self, s: dict[str, Any], allowed: set[str], path: str, where: str) -> None:
         extra = sorted(set(s) - allowed)
         if extra:
             raise self.unsupported(extra[0], path, f"{where} is not supported")
@@ -85,7 +88,7 @@ class _Walker:
             target = target[part]
         return target
 
-    def clean(self, node: Any, path: str, refs: tuple[str, ...] = ()) -> dict:
+    def clean(self, node: Any, path: str, refs: tuple[str, ...] = ()) -> dict[str, Any]:
         """A copy of ``node`` the converter enforces fully: annotations dropped, refs inlined."""
         if node is True:
             return {}
@@ -147,7 +150,7 @@ class _Walker:
         self.only(s, {"type"}, path, f"on {'an untyped schema' if t is None else repr(t)}")
         return s
 
-    def clean_object(self, s: dict, path: str, refs: tuple[str, ...]) -> dict:
+    def clean_object(self, s: dict[str, Any], path: str, refs: tuple[str, ...]) -> dict[str, Any]:
         self.only(
             s, {"type", "properties", "required", "additionalProperties"}, path, "on an object"
         )
@@ -174,7 +177,7 @@ class _Walker:
             "additionalProperties": extra,
         }
 
-    def clean_array(self, s: dict, path: str, refs: tuple[str, ...]) -> dict:
+    def clean_array(self, s: dict[str, Any], path: str, refs: tuple[str, ...]) -> dict[str, Any]:
         if "prefixItems" in s or isinstance(s.get("items"), list):
             # A tuple: the converter emits exactly these items, which every such schema accepts
             # unless it bounds the length or constrains further items.
@@ -188,7 +191,7 @@ class _Walker:
         return {"type": "array", "items": self.clean(s["items"], f"{path}/items", refs), **bounds}
 
 
-def check_schema(schema: Any, *, param: str = "response_format") -> dict:
+def check_schema(schema: Any, *, param: str = "response_format") -> dict[str, Any]:
     """A copy of ``schema`` that the converter enforces completely (annotations dropped, local
     ``$ref``s inlined), or ``Unsupported`` (400) naming the first keyword it would not enforce."""
     if not isinstance(schema, dict):
@@ -204,7 +207,7 @@ class GrammarBuilder:
     """
 
     def __init__(self) -> None:
-        self._conv = lg.SchemaConverter(
+        self._conv: Any = _SchemaConverter(
             prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
         )
 
