@@ -11,8 +11,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
 from server.api import auth, errors, health
-from server.api.openai import chat, completions, fim, models
+from server.api.openai import chat, completions, fim, models, responses
 from server.api.openai import errors as openai_errors
+from server.api.openai.responses_store import ResponseStore
 from server.engine.factory import make_engine_factory
 from server.manager import EngineFactory, ModelManager
 from server.metrics import Metrics
@@ -52,6 +53,7 @@ def create_app(
     app.state.settings = settings
     app.state.manager = manager
     app.state.metrics = metrics
+    app.state.responses = ResponseStore()  # for /v1/responses' previous_response_id
     # Dialects other than OpenAI's add (path prefix, renderer) pairs here.
     errors.install(app, default=openai_errors.render, by_prefix=[])
     v1 = [Depends(auth.require_api_key)]
@@ -77,6 +79,7 @@ def create_app(
     app.include_router(chat.router, dependencies=v1)
     app.include_router(fim.router, dependencies=v1)
     app.include_router(models.router, dependencies=v1)
+    app.include_router(responses.router, dependencies=v1)
     app.include_router(health.router)
     return app
 
