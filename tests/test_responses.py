@@ -214,3 +214,73 @@ def test_unknown_model_is_404_before_streaming(client):
     r = client.post("/v1/responses", json={"model": "nope", "input": "Hi", "stream": True})
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "model_not_found"
+
+
+# -- pure logic, no model ---------------------------------------------------------------------
+
+
+def test_error_after_stream_began_is_an_event_then_failed():
+    import asyncio
+
+    from server.api.openai.responses_protocol import Response, TextConfig
+    from server.api.openai.responses_stream import Sequencer, frames, lifecycle
+    from server.errors import Overloaded
+
+    def response(status: str, error=None) -> Response:
+        return Response(
+            id="resp_x", created_at=0, status=status, error=error, model="m",
+            parallel_tool_calls=True, store=False, temperature=1.0, text=TextConfig(),
+            tool_choice="auto", tools=[], top_p=1.0,
+        )  # fmt: skip
+
+    seq = Sequencer()
+
+    async def events():
+        yield lifecycle(seq, "response.created", response("in_progress"))
+        raise Overloaded("the queue is full")
+
+    async def run() -> list[dict]:
+        return [f async for f in frames(events(), seq, lambda e: response("failed", e))]
+
+    out = asyncio.run(run())
+    assert [f["event"] for f in out] == ["response.created", "error", "response.failed"]
+    datas = [json.loads(f["data"]) for f in out]
+    assert [d["sequence_number"] for d in datas] == [0, 1, 2]
+    assert datas[1] == {
+        "type": "error",
+        "sequence_number": 1,
+        "code": "queue_full",
+        "message": "the queue is full",
+        "param": None,
+    }
+    assert datas[2]["response"]["status"] == "failed"
+    assert datas[2]["response"]["error"]["code"] == "queue_full"
+
+
+def test_input_items_become_chat_messages():
+    from server.api.openai.responses_input import input_messages
+
+    items = [
+        {"role": "developer", "content": "Be terse."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "g", "arguments": '{"a":1}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "one"},
+        {"type": "function_call_output", "call_id": "c2", "output": [
+            {"type": "input_text", "text": "t"}, {"type": "input_text", "text": "wo"}]},
+    ]  # fmt: skip
+    assert input_messages(items) == [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                {"id": "c2", "type": "function", "function": {"name": "g", "arguments": '{"a":1}'}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "one"},
+        {"role": "tool", "tool_call_id": "c2", "content": "two"},
+    ]
+    assert input_messages("Hello") == [{"role": "user", "content": "Hello"}]

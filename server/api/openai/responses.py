@@ -88,7 +88,10 @@ def plan_output(
 
 
 def render_prompt(engine: Engine, messages: list[Message], tools: list[FunctionTool]) -> list[int]:
-    text, has_bos = render_chat(engine.info, messages)
+    try:
+        text, has_bos = render_chat(engine.info, messages)
+    except InvalidRequest as e:  # the messages came from `input`: name it
+        raise InvalidRequest(e.message, param="input") from e
     return engine.tokenize(text, add_bos=not has_bos)
 
 

@@ -128,28 +128,34 @@ def final_event(seq: Sequencer, response: Response) -> ResponseEvent:
     return lifecycle(seq, kind, response)
 
 
-def sse(
+async def frames(
     events: AsyncIterator[StreamEvent],
     seq: Sequencer,
     failed: Callable[[ResponseError], Response],
-) -> EventSourceResponse:
+) -> AsyncIterator[dict[str, str]]:
     """``event: <type>`` / ``data: <json>`` frames; a failure mid-stream ends it cleanly."""
 
     def frame(ev: StreamEvent) -> dict[str, str]:
         return {"event": ev.type, "data": json.dumps(ev.model_dump(), separators=(",", ":"))}
 
-    async def frames() -> AsyncIterator[dict[str, str]]:
-        try:
-            async for ev in events:
-                yield frame(ev)
-        except Exception as e:  # after the headers went out, an error is one more event
-            if isinstance(e, CodeserveError):
-                code, message, param = e.code or e.error_type, e.message, e.param
-            else:
-                log.exception("responses stream failed")
-                code, message, param = "server_error", f"{type(e).__name__}: {e}", None
-            yield frame(ErrorEvent(sequence_number=seq(), code=code, message=message, param=param))
-            response = failed(ResponseError(code=code, message=message))
-            yield frame(lifecycle(seq, "response.failed", response))
+    try:
+        async for ev in events:
+            yield frame(ev)
+    except Exception as e:  # after the headers went out, an error is one more event
+        if isinstance(e, CodeserveError):
+            code, message, param = e.code or e.error_type, e.message, e.param
+        else:
+            log.exception("responses stream failed")
+            code, message, param = "server_error", f"{type(e).__name__}: {e}", None
+        yield frame(ErrorEvent(sequence_number=seq(), code=code, message=message, param=param))
+        yield frame(
+            lifecycle(seq, "response.failed", failed(ResponseError(code=code, message=message)))
+        )
 
-    return EventSourceResponse(frames(), sep="\n", ping=15)
+
+def sse(
+    events: AsyncIterator[StreamEvent],
+    seq: Sequencer,
+    failed: Callable[[ResponseError], Response],
+) -> EventSourceResponse:
+    return EventSourceResponse(frames(events, seq, failed), sep="\n", ping=15)
