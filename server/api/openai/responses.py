@@ -7,7 +7,7 @@ Responses are kept in memory (``responses_store``) so ``previous_response_id`` w
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
@@ -28,7 +28,6 @@ from server.api.openai.responses_protocol import (
     InputTokensDetails,
     OutputItem,
     OutputMessage,
-    OutputText,
     Reasoning,
     Response,
     ResponseCreateRequest,
@@ -41,14 +40,11 @@ from server.api.openai.responses_protocol import (
 )
 from server.api.openai.responses_store import ResponseNotFound, ResponseStore, Stored
 from server.api.openai.responses_stream import (
+    OutputBuilder,
     Sequencer,
     final_event,
     lifecycle,
-    message_closing,
-    message_opening,
     sse,
-    text_delta,
-    whole_item_events,
 )
 from server.core.budget import completion_budget
 from server.core.chat import render_chat
@@ -65,12 +61,9 @@ def _store(request: Request) -> ResponseStore:
 
 @dataclass(frozen=True)
 class OutputPlan:
-    """How the model's text becomes output items."""
+    """How generation is constrained, and how its text becomes output items."""
 
     grammar: str | None = None
-    # None: the text is the message, streamed as it comes. Otherwise the whole text is parsed
-    # after generation into (message text, [(name, arguments)]): tool calls are only known then.
-    parse: Callable[[str], tuple[str, list[tuple[str, str]]]] | None = None
 
 
 def plan_output(
@@ -85,6 +78,20 @@ def plan_output(
     if tools and body.tool_choice != "none":
         raise InvalidRequest("function tools need the tool-calling core", param="tools")
     return OutputPlan()
+
+
+class Splitter:
+    """Feeds generated text to the output builder (as message text, or as tool calls)."""
+
+    def __init__(self, plan: OutputPlan, builder: OutputBuilder) -> None:
+        self.builder = builder
+
+    def feed(self, text: str) -> list[StreamEvent]:
+        return self.builder.content(text)
+
+    def finish(self, finished: Finished | None) -> list[StreamEvent]:
+        status = "completed" if finished is not None and finished.reason == "stop" else "incomplete"
+        return self.builder.finish(status)
 
 
 def render_prompt(engine: Engine, messages: list[Message], tools: list[FunctionTool]) -> list[int]:
@@ -152,11 +159,11 @@ class Answer:
     def failed(self, error: ResponseError) -> Response:
         return self.response("failed", error=error)
 
-    def finish(self, output: list[OutputItem], finished: Finished | None, store: ResponseStore):
+    def finish(
+        self, output: list[OutputItem], finished: Finished | None, store: ResponseStore
+    ) -> Response:
         """The final response object; stored for previous_response_id unless store=false."""
         status = "completed" if finished is not None and finished.reason == "stop" else "incomplete"
-        if status == "incomplete":
-            output = [item.model_copy(update={"status": "incomplete"}) for item in output]
         response = self.response(status, output, finished)
         if self.body.store is not False:
             store.put(Stored(response, tuple(self.conversation + assistant_turn(output))))
@@ -179,27 +186,6 @@ def assistant_turn(output: list[OutputItem]) -> list[Message]:
     if calls:
         message["tool_calls"] = calls
     return [message]
-
-
-def output_items(text: str, plan: OutputPlan) -> list[OutputItem]:
-    content, calls = plan.parse(text) if plan.parse else (text, [])
-    items: list[OutputItem] = []
-    if content or not calls:
-        message = OutputMessage(
-            id=new_id("msg"), status="completed", content=[OutputText(text=content)]
-        )
-        items.append(message)
-    for name, arguments in calls:
-        items.append(
-            FunctionCall(
-                id=new_id("fc"),
-                call_id=new_id("call"),
-                name=name,
-                arguments=arguments,
-                status="completed",
-            )
-        )
-    return items
 
 
 @router.post("/v1/responses", response_model=None)
@@ -235,7 +221,10 @@ async def create_response(body: ResponseCreateRequest, request: Request):
         (choice,) = await relay.collect(events, request, 1)
     except relay.ClientGone:
         return None
-    return answer.finish(output_items(choice.text, plan), choice.finish, store)
+    splitter = Splitter(plan, OutputBuilder(Sequencer()))
+    splitter.feed(choice.text)
+    splitter.finish(choice.finish)
+    return answer.finish(splitter.builder.items, choice.finish, store)
 
 
 async def _stream(
@@ -247,35 +236,16 @@ async def _stream(
 ) -> AsyncIterator[StreamEvent]:
     yield lifecycle(seq, "response.created", answer.response("in_progress"))
     yield lifecycle(seq, "response.in_progress", answer.response("in_progress"))
-    text, finished = "", None
-    if plan.parse is None:  # plain text: each delta goes out as it is generated
-        message = OutputMessage(id=new_id("msg"), status="in_progress", content=[])
-        for ev in message_opening(seq, 0, message):
-            yield ev
-        async for e in events:
-            if isinstance(e, Delta):
-                text += e.text
-                if e.text:
-                    yield text_delta(seq, 0, message.id, e.text)
-            elif isinstance(e, Finished):
-                finished = e
-        done = message.model_copy(
-            update={"status": "completed", "content": [OutputText(text=text)]}
-        )
-        response = answer.finish([done], finished, store)
-        for ev in message_closing(seq, 0, response.output[0]):  # type: ignore[arg-type]
-            yield ev
-    else:  # tool calls are known once the whole text is parsed
-        async for e in events:
-            if isinstance(e, Delta):
-                text += e.text
-            elif isinstance(e, Finished):
-                finished = e
-        response = answer.finish(output_items(text, plan), finished, store)
-        for index, item in enumerate(response.output):
-            for ev in whole_item_events(seq, index, item):
+    splitter, finished = Splitter(plan, OutputBuilder(seq)), None
+    async for e in events:
+        if isinstance(e, Delta):
+            for ev in splitter.feed(e.text):
                 yield ev
-    yield final_event(seq, response)
+        elif isinstance(e, Finished):
+            finished = e
+    for ev in splitter.finish(finished):
+        yield ev
+    yield final_event(seq, answer.finish(splitter.builder.items, finished, store))
 
 
 @router.get("/v1/responses/{response_id}", response_model=None)

@@ -21,6 +21,7 @@ from server.api.openai.responses_protocol import (
     ContentPartEvent,
     ErrorEvent,
     FunctionCall,
+    ItemStatus,
     OutputItem,
     OutputItemEvent,
     OutputMessage,
@@ -31,6 +32,7 @@ from server.api.openai.responses_protocol import (
     StreamEvent,
     TextDeltaEvent,
     TextDoneEvent,
+    new_id,
 )
 from server.errors import CodeserveError
 
@@ -48,75 +50,110 @@ class Sequencer:
         return self.n - 1
 
 
-def message_opening(seq: Sequencer, index: int, item: OutputMessage) -> list[StreamEvent]:
-    opened = item.model_copy(update={"status": "in_progress", "content": []})
-    return [
-        OutputItemEvent(
-            type="response.output_item.added",
-            sequence_number=seq(),
-            output_index=index,
-            item=opened,
-        ),
-        ContentPartEvent(
+def _added(seq: Sequencer, index: int, item: OutputItem) -> OutputItemEvent:
+    return OutputItemEvent(
+        type="response.output_item.added", sequence_number=seq(), output_index=index, item=item
+    )
+
+
+def _done(seq: Sequencer, index: int, item: OutputItem) -> OutputItemEvent:
+    return OutputItemEvent(
+        type="response.output_item.done", sequence_number=seq(), output_index=index, item=item
+    )
+
+
+class OutputBuilder:
+    """Builds the output items from content text and tool calls as they are found, and the
+    stream events that announce them; the non-streamed answer is built the same way, so both
+    carry the same items."""
+
+    def __init__(self, seq: Sequencer) -> None:
+        self.seq = seq
+        self.items: list[OutputItem] = []
+        self._open = False  # the last item is still being written
+
+    def content(self, text: str) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        if not (self._open and isinstance(self.items[-1], OutputMessage)):
+            events += self._close("completed")
+            events += self._open_message()
+        if not text:
+            return events
+        message = self.items[-1]
+        assert isinstance(message, OutputMessage)
+        message.content[0].text += text
+        index = len(self.items) - 1
+        delta = TextDeltaEvent(
+            sequence_number=self.seq(), item_id=message.id, output_index=index, delta=text
+        )
+        return [*events, delta]
+
+    def call(self, call_id: str, name: str) -> list[StreamEvent]:
+        events = self._close("completed")
+        item = FunctionCall(
+            id=new_id("fc"), call_id=call_id, name=name, arguments="", status="in_progress"
+        )
+        self.items.append(item)
+        self._open = True
+        return [*events, _added(self.seq, len(self.items) - 1, item.model_copy())]
+
+    def arguments(self, text: str) -> list[StreamEvent]:
+        item = self.items[-1]
+        assert self._open and isinstance(item, FunctionCall)
+        item.arguments += text
+        index = len(self.items) - 1
+        return [
+            ArgumentsDeltaEvent(
+                sequence_number=self.seq(), item_id=item.id, output_index=index, delta=text
+            )
+        ]
+
+    def finish(self, status: ItemStatus) -> list[StreamEvent]:
+        """Closes the last item with ``status``; an answer with no items gets an empty message."""
+        events = [] if self.items else self._open_message()
+        return events + self._close(status)
+
+    def _open_message(self) -> list[StreamEvent]:
+        item = OutputMessage(id=new_id("msg"), status="in_progress", content=[OutputText(text="")])
+        self.items.append(item)
+        self._open = True
+        index = len(self.items) - 1
+        added = _added(self.seq, index, item.model_copy(update={"content": []}))
+        part = ContentPartEvent(
             type="response.content_part.added",
-            sequence_number=seq(),
+            sequence_number=self.seq(),
             item_id=item.id,
             output_index=index,
             part=OutputText(text=""),
-        ),
-    ]
+        )
+        return [added, part]
 
-
-def text_delta(seq: Sequencer, index: int, item_id: str, text: str) -> TextDeltaEvent:
-    return TextDeltaEvent(sequence_number=seq(), item_id=item_id, output_index=index, delta=text)
-
-
-def message_closing(seq: Sequencer, index: int, item: OutputMessage) -> list[StreamEvent]:
-    part = item.content[0]
-    return [
-        TextDoneEvent(sequence_number=seq(), item_id=item.id, output_index=index, text=part.text),
-        ContentPartEvent(
-            type="response.content_part.done",
-            sequence_number=seq(),
-            item_id=item.id,
-            output_index=index,
-            part=part,
-        ),
-        OutputItemEvent(
-            type="response.output_item.done", sequence_number=seq(), output_index=index, item=item
-        ),
-    ]
-
-
-def function_call_events(seq: Sequencer, index: int, item: FunctionCall) -> list[StreamEvent]:
-    opened = item.model_copy(update={"status": "in_progress", "arguments": ""})
-    return [
-        OutputItemEvent(
-            type="response.output_item.added",
-            sequence_number=seq(),
-            output_index=index,
-            item=opened,
-        ),
-        ArgumentsDeltaEvent(
-            sequence_number=seq(), item_id=item.id, output_index=index, delta=item.arguments
-        ),
-        ArgumentsDoneEvent(
-            sequence_number=seq(), item_id=item.id, output_index=index, arguments=item.arguments
-        ),
-        OutputItemEvent(
-            type="response.output_item.done", sequence_number=seq(), output_index=index, item=item
-        ),
-    ]
-
-
-def whole_item_events(seq: Sequencer, index: int, item: OutputItem) -> list[StreamEvent]:
-    """Every event of an item known in full (output that was parsed after generation)."""
-    if isinstance(item, FunctionCall):
-        return function_call_events(seq, index, item)
-    events = message_opening(seq, index, item)
-    if item.content[0].text:
-        events.append(text_delta(seq, index, item.id, item.content[0].text))
-    return events + message_closing(seq, index, item)
+    def _close(self, status: ItemStatus) -> list[StreamEvent]:
+        if not self._open:
+            return []
+        self._open = False
+        index, item = len(self.items) - 1, self.items[-1]
+        item.status = status
+        seq = self.seq
+        if isinstance(item, FunctionCall):
+            done = ArgumentsDoneEvent(
+                sequence_number=seq(), item_id=item.id, output_index=index, arguments=item.arguments
+            )
+            return [done, _done(seq, index, item.model_copy(deep=True))]
+        part = item.content[0]
+        return [
+            TextDoneEvent(
+                sequence_number=seq(), item_id=item.id, output_index=index, text=part.text
+            ),
+            ContentPartEvent(
+                type="response.content_part.done",
+                sequence_number=seq(),
+                item_id=item.id,
+                output_index=index,
+                part=part.model_copy(),
+            ),
+            _done(seq, index, item.model_copy(deep=True)),
+        ]
 
 
 def lifecycle(seq: Sequencer, kind: str, response: Response) -> ResponseEvent:
