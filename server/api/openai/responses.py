@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
+from sse_starlette import EventSourceResponse
 
 from server.api import relay
 from server.api.openai import params
@@ -32,6 +33,7 @@ from server.api.openai.responses_protocol import (
     Response,
     ResponseCreateRequest,
     ResponseError,
+    ResponseStatus,
     ResponseUsage,
     StreamEvent,
     TextConfig,
@@ -46,6 +48,7 @@ from server.api.openai.responses_stream import (
     lifecycle,
     sse,
 )
+from server.api.openai.responses_tools import OutputPlan, Splitter, plan_output
 from server.core.budget import completion_budget
 from server.core.chat import render_chat
 from server.engine.base import Delta, Engine, Event, Finished, GenerationRequest
@@ -59,44 +62,9 @@ def _store(request: Request) -> ResponseStore:
     return store
 
 
-@dataclass(frozen=True)
-class OutputPlan:
-    """How generation is constrained, and how its text becomes output items."""
-
-    grammar: str | None = None
-
-
-def plan_output(
-    engine: Engine, body: ResponseCreateRequest, tools: list[FunctionTool]
-) -> OutputPlan:
-    fmt = body.text.format if body.text else None
-    if fmt is not None and fmt.type != "text":
-        raise InvalidRequest(
-            "text.format json_object/json_schema needs the structured-output core",
-            param="text.format",
-        )
-    if tools and body.tool_choice != "none":
-        raise InvalidRequest("function tools need the tool-calling core", param="tools")
-    return OutputPlan()
-
-
-class Splitter:
-    """Feeds generated text to the output builder (as message text, or as tool calls)."""
-
-    def __init__(self, plan: OutputPlan, builder: OutputBuilder) -> None:
-        self.builder = builder
-
-    def feed(self, text: str) -> list[StreamEvent]:
-        return self.builder.content(text)
-
-    def finish(self, finished: Finished | None) -> list[StreamEvent]:
-        status = "completed" if finished is not None and finished.reason == "stop" else "incomplete"
-        return self.builder.finish(status)
-
-
-def render_prompt(engine: Engine, messages: list[Message], tools: list[FunctionTool]) -> list[int]:
+def render_prompt(engine: Engine, messages: list[Message], plan: OutputPlan) -> list[int]:
     try:
-        text, has_bos = render_chat(engine.info, messages)
+        text, has_bos = render_chat(engine.info, messages, plan.functions)
     except InvalidRequest as e:  # the messages came from `input`: name it
         raise InvalidRequest(e.message, param="input") from e
     return engine.tokenize(text, add_bos=not has_bos)
@@ -115,7 +83,7 @@ class Answer:
 
     def response(
         self,
-        status: str,
+        status: ResponseStatus,
         output: list[OutputItem] | None = None,
         finished: Finished | None = None,
         error: ResponseError | None = None,
@@ -133,7 +101,7 @@ class Answer:
         return Response(
             id=self.id,
             created_at=self.created_at,
-            status=status,  # type: ignore[arg-type]
+            status=status,
             error=error,
             incomplete_details=(
                 IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None
@@ -163,7 +131,9 @@ class Answer:
         self, output: list[OutputItem], finished: Finished | None, store: ResponseStore
     ) -> Response:
         """The final response object; stored for previous_response_id unless store=false."""
-        status = "completed" if finished is not None and finished.reason == "stop" else "incomplete"
+        status: ResponseStatus = (
+            "completed" if finished is not None and finished.reason == "stop" else "incomplete"
+        )
         response = self.response(status, output, finished)
         if self.body.store is not False:
             store.put(Stored(response, tuple(self.conversation + assistant_turn(output))))
@@ -189,7 +159,9 @@ def assistant_turn(output: list[OutputItem]) -> list[Message]:
 
 
 @router.post("/v1/responses", response_model=None)
-async def create_response(body: ResponseCreateRequest, request: Request):
+async def create_response(
+    body: ResponseCreateRequest, request: Request
+) -> Response | EventSourceResponse | None:
     refuse_unsupported(body)
     tools = function_tools(body.tools)
     store = _store(request)
@@ -197,8 +169,8 @@ async def create_response(body: ResponseCreateRequest, request: Request):
     conversation = history + input_messages(body.input)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     worker = await relay.model_worker(request, body.model)
-    plan = plan_output(worker.engine, body, tools)
-    prompt = render_prompt(worker.engine, system + conversation, tools)
+    plan = plan_output(worker.engine.info, body, tools)
+    prompt = render_prompt(worker.engine, system + conversation, plan)
     try:
         budget = completion_budget(worker.engine.info.n_ctx, len(prompt), body.max_output_tokens)
     except ContextOverflow as e:

@@ -31,7 +31,7 @@ class TextFormat(_Wire):
 
 
 class TextConfig(_Wire):
-    format: TextFormat = Field(default_factory=TextFormat)
+    format: TextFormat = Field(default_factory=lambda: TextFormat.model_validate({}))
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
@@ -89,6 +89,7 @@ class ResponseCreateRequest(_SamplingFields):
 # -- response -----------------------------------------------------------------------------------
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
+ResponseStatus = Literal["in_progress", "completed", "incomplete", "failed"]
 
 
 def new_id(prefix: str) -> str:
@@ -156,7 +157,7 @@ class Response(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    status: ResponseStatus
     error: ResponseError | None = None
     incomplete_details: IncompleteDetails | None = None
     instructions: str | None = None

@@ -173,7 +173,10 @@ async def frames(
     """``event: <type>`` / ``data: <json>`` frames; a failure mid-stream ends it cleanly."""
 
     def frame(ev: StreamEvent) -> dict[str, str]:
-        return {"event": ev.type, "data": json.dumps(ev.model_dump(), separators=(",", ":"))}
+        return {
+            "event": ev.type,
+            "data": json.dumps(ev.model_dump(by_alias=True), separators=(",", ":")),
+        }
 
     try:
         async for ev in events:
