@@ -263,9 +263,12 @@ def check_gbnf(gbnf: str, *, param: str = "grammar", vocab: Any = None) -> str:
         raise InvalidRequest("grammar has no `root ::= ...` rule", param=param)
     sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
     if not sampler:
+        hint = (
+            "" if vocab is not None else "; token references such as <|im_end|> are not supported"
+        )
         raise InvalidRequest(
             "grammar is not valid GBNF (llama.cpp could not parse it; see "
-            "https://github.com/ggml-org/llama.cpp/blob/master/grammars/README.md)",
+            f"https://github.com/ggml-org/llama.cpp/blob/master/grammars/README.md){hint}",
             param=param,
         )
     llama_cpp.llama_sampler_free(sampler)

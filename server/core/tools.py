@@ -17,13 +17,13 @@ prefixes of those serialisations are not stable, so it cannot give fragments wit
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from server.core.grammar import GrammarBuilder
+from server.core.json_scan import Malformed, ObjectScan, scan_object, skip_ws
 
 ToolFormat = Literal["hermes", "mistral", "llama3"]
 # The format we describe to a model whose chat template ignores `tools` (SmolLM2's, say).
@@ -176,111 +176,6 @@ class ArgumentsDelta:
 ToolEvent = ContentDelta | CallStart | ArgumentsDelta
 
 
-class _Malformed(Exception):
-    pass
-
-
-@dataclass
-class _Scan:
-    """What is known so far about one JSON object in the buffer."""
-
-    end: int | None = None  # index after its closing brace
-    name: str | None = None
-    args: tuple[int, int | None] | None = None  # span of the raw arguments value
-    args_is_string: bool = False
-
-
-def _skip_ws(s: str, i: int) -> int:
-    while i < len(s) and s[i] in " \t\r\n":
-        i += 1
-    return i
-
-
-def _string_end(s: str, i: int) -> int | None:
-    """Index after the JSON string starting at ``s[i] == '"'``, or None if it is unfinished."""
-    j = i + 1
-    while j < len(s):
-        c = s[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c == '"':
-            return j + 1
-        j += 1
-    return None
-
-
-def _value_end(s: str, i: int) -> int | None:
-    """Index after the JSON value starting at ``s[i]``, or None if it may still grow."""
-    c = s[i]
-    if c == '"':
-        return _string_end(s, i)
-    if c in "{[":
-        depth, j = 0, i
-        while j < len(s):
-            c = s[j]
-            if c == '"':
-                end = _string_end(s, j)
-                if end is None:
-                    return None
-                j = end
-                continue
-            if c in "{[":
-                depth += 1
-            elif c in "}]":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-            j += 1
-        return None
-    m = re.compile(r"[^,}\]\s]*").match(s, i)
-    end = m.end() if m else i
-    if end == i:
-        raise _Malformed
-    return end if end < len(s) else None
-
-
-def _scan_object(s: str, i: int) -> _Scan:
-    """Scans the object at ``s[i] == '{'`` as far as the buffer goes."""
-    out = _Scan()
-    j = _skip_ws(s, i + 1)
-    if j < len(s) and s[j] == "}":
-        out.end = j + 1
-        return out
-    while j < len(s):
-        if s[j] != '"':
-            raise _Malformed
-        kend = _string_end(s, j)
-        if kend is None:
-            return out
-        key = json.loads(s[j:kend])
-        j = _skip_ws(s, kend)
-        if j >= len(s):
-            return out
-        if s[j] != ":":
-            raise _Malformed
-        j = _skip_ws(s, j + 1)
-        if j >= len(s):
-            return out
-        vend = _value_end(s, j)
-        if key in ("arguments", "parameters") and out.args is None:
-            out.args, out.args_is_string = (j, vend), s[j] == '"'
-        if vend is None:
-            return out
-        if key == "name" and s[j] == '"':
-            out.name = json.loads(s[j:vend])
-        j = _skip_ws(s, vend)
-        if j >= len(s):
-            return out
-        if s[j] == "}":
-            out.end = j + 1
-            return out
-        if s[j] != ",":
-            raise _Malformed
-        j = _skip_ws(s, j + 1)
-    return out
-
-
 class ToolCallParser:
     """Splits a model's output into content and tool calls, incrementally.
 
@@ -397,7 +292,7 @@ class ToolCallParser:
         self._buf = self._buf[n:]
 
     def _call_step(self, events: list[ToolEvent], final: bool) -> None:
-        j = _skip_ws(self._buf, 0)
+        j = skip_ws(self._buf, 0)
         if j >= len(self._buf):
             return
         c = self._buf[j]
@@ -413,8 +308,8 @@ class ToolCallParser:
             if c != "{":
                 return self._end_region(final) if self._region_calls else self._give_back(events)
         try:
-            scan = _scan_object(self._buf, j)
-        except (_Malformed, ValueError):
+            scan = scan_object(self._buf, j)
+        except (Malformed, ValueError):
             if self._current is None:
                 return self._give_back(events)
             self._close_call(events, complete=False)
@@ -437,7 +332,7 @@ class ToolCallParser:
             if not self._in_array:
                 self._end_region(final)
 
-    def _stream_args(self, events: list[ToolEvent], scan: _Scan) -> None:
+    def _stream_args(self, events: list[ToolEvent], scan: ObjectScan) -> None:
         cur = self._current
         if cur is None or scan.args is None:
             return
@@ -469,7 +364,7 @@ class ToolCallParser:
 
     def _end_region(self, final: bool) -> None:
         if self._kind == "<tool_call>":
-            j = _skip_ws(self._buf, 0)
+            j = skip_ws(self._buf, 0)
             tail = self._buf[j:]
             if tail.startswith(_HERMES_END):
                 self._buf = tail[len(_HERMES_END) :]
