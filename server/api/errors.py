@@ -54,7 +54,9 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(dict.fromkeys(messages)) or "invalid request", param
 
 
-def install(app: FastAPI, default: Renderer, by_prefix: Sequence[tuple[str, Renderer]] = ()) -> None:
+def install(
+    app: FastAPI, default: Renderer, by_prefix: Sequence[tuple[str, Renderer]] = ()
+) -> None:
     """Route every error to the renderer of the first matching path prefix, else ``default``."""
 
     def respond(request: Request, err: ApiError) -> Response:

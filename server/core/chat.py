@@ -27,7 +27,7 @@ from server.core.tools import (
     tool_response_text,
     tools_system_prompt,
 )
-from server.engine.base import ModelInfo
+from server.engine.base import Engine, ModelInfo
 from server.errors import InvalidRequest
 
 
@@ -95,3 +95,9 @@ def _fallback_messages(messages: list[dict], tools: Sequence[Function]) -> list[
         else:
             out.insert(0, {"role": "system", "content": block})
     return out
+
+
+def chat_prompt(engine: Engine, messages: list[dict]) -> list[int]:
+    """Token ids of chat messages rendered with the model's template (BOS added once)."""
+    text, has_bos = render_chat(engine.info, messages)
+    return engine.tokenize(text, add_bos=not has_bos)

@@ -76,7 +76,7 @@ def _chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    worker = await relay.model_worker(request, body.model)
+    worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     info = worker.engine.info
     plan = constraints.tool_plan(body)
     gbnf = constraints.chat_grammar(body, plan, detect_format(info.chat_template))

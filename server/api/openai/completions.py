@@ -46,7 +46,7 @@ def _max_tokens(body: CompletionRequest) -> int | None:
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request):
-    worker = await relay.model_worker(request, body.model)
+    worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     engine = worker.engine
     if body.echo and body.logprobs is not None:
         raise Unsupported(

@@ -24,7 +24,7 @@ router = APIRouter()
 
 @router.post("/v1/fim/completions", response_model=None)
 async def create_fim_completion(body: FimCompletionRequest, request: Request):
-    worker = await relay.model_worker(request, body.model)
+    worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     engine = worker.engine
     prompt = fim_prompt(
         engine,

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.errors import Unsupported
+from server.keepalive import KeepAlive
 
 MAX_STOP = 64
 
@@ -59,6 +60,8 @@ class _SamplingFields(_Request):
     # codeserve extensions: speculative decoding per request (default: the model's setting).
     speculative: Literal["off", "prompt_lookup", "draft"] | None = None
     speculative_max_draft: int | None = Field(None, ge=1, le=32)
+    # codeserve extension, as Ollama's: how long the model stays loaded once idle ("5m", seconds).
+    keep_alive: KeepAlive | None = None
 
     _stop = field_validator("stop", mode="before")(_normalize_stop)
 

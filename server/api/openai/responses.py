@@ -7,6 +7,7 @@ Responses are kept in memory (``responses_store``) so ``previous_response_id`` w
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -168,9 +169,10 @@ async def create_response(
     history = store.history(body.previous_response_id) if body.previous_response_id else []
     conversation = history + input_messages(body.input)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    worker = await relay.model_worker(request, body.model)
-    plan = plan_output(worker.engine.info, body, tools)
-    prompt = render_prompt(worker.engine, system + conversation, plan)
+    worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
+    # Grammar building, template rendering and tokenizing are CPU work: off the event loop.
+    plan = await asyncio.to_thread(plan_output, worker.engine.info, body, tools)
+    prompt = await asyncio.to_thread(render_prompt, worker.engine, system + conversation, plan)
     try:
         budget = completion_budget(worker.engine.info.n_ctx, len(prompt), body.max_output_tokens)
     except ContextOverflow as e:

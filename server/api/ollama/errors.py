@@ -1,0 +1,11 @@
+"""Ollama's error envelope: ``{"error": "message"}`` with the HTTP status."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+from server.api.errors import ApiError
+
+
+def render(err: ApiError) -> JSONResponse:
+    return JSONResponse({"error": err.message}, status_code=err.status)
