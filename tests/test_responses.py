@@ -358,7 +358,7 @@ def test_text_format_json_object_streamed(openai_client):
     events = list(
         openai_client.responses.create(
             model=MODEL,
-            input="Reply with a JSON object describing a cat.",
+            input="Describe a cat as JSON with keys name and color.",
             text={"format": {"type": "json_object"}},
             max_output_tokens=96,
             temperature=0,
