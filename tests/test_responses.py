@@ -264,6 +264,33 @@ def test_required_tool_returns_a_valid_function_call(openai_client):
     assert _valid_weather_args(call.arguments)
 
 
+def test_allowed_tools_required_calls_only_those(openai_client):
+    clock = {
+        "type": "function",
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"timezone": {"type": "string"}},
+            "required": ["timezone"],
+        },
+    }
+    out = openai_client.responses.create(
+        model=MODEL,
+        input=ASK_WEATHER,
+        tools=[WEATHER, clock],
+        tool_choice={
+            "type": "allowed_tools",
+            "mode": "required",
+            "tools": [{"type": "function", "name": "get_time"}],
+        },
+        max_output_tokens=64,
+        temperature=0,
+    )
+    calls = [item for item in out.output if item.type == "function_call"]
+    assert calls and all(c.name == "get_time" for c in calls)
+    assert all(isinstance(json.loads(c.arguments)["timezone"], str) for c in calls)
+
+
 def test_named_tool_choice_streams_arguments(openai_client):
     events = list(
         openai_client.responses.create(
@@ -377,6 +404,10 @@ def test_text_format_json_object_streamed(openai_client):
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "f"}},
          "tool_choice.name"),
         ({"tools": [WEATHER, WEATHER]}, "tools"),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "web_search_preview"}}, "tool_choice.type"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "mode": "required",
+          "tools": [{"type": "function", "name": "nope"}]}}, "tool_choice.tools[0].name"),
         ({"tools": [{**WEATHER, "name": "bad name!"}]}, "tools[0].name"),
         (
             {"tools": [{**WEATHER, "parameters": {"type": "object", "patternProperties": {}}}],

@@ -75,7 +75,7 @@ def function_tools(raw: list[dict[str, Any]]) -> list[FunctionTool]:
                 f"tool type {kind!r} is not supported; only function tools run here",
                 param=f"tools[{i}].type",
             )
-        tools.append(_parse(FunctionTool, spec, f"tools[{i}]"))
+        tools.append(parse_as(FunctionTool, spec, f"tools[{i}]"))
     return tools
 
 
@@ -110,7 +110,7 @@ class _FunctionCallOutputItem(_Item):
 _TEXT_PARTS = {"input_text", "output_text", "text"}
 
 
-def _parse(model: type[Any], raw: dict[str, Any], where: str) -> Any:
+def parse_as(model: type[Any], raw: dict[str, Any], where: str) -> Any:
     try:
         return model.model_validate(raw)
     except ValidationError as e:
@@ -142,11 +142,11 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[Message]:
             raise InvalidRequest(f"{where}: an input item is an object", param=where)
         kind = raw.get("type", "message")
         if kind == "message":
-            m = _parse(_MessageItem, raw, where)
+            m = parse_as(_MessageItem, raw, where)
             role = "system" if m.role == "developer" else m.role
             messages.append({"role": role, "content": _text(m.content, f"{where}.content")})
         elif kind == "function_call":
-            fc = _parse(_FunctionCallItem, raw, where)
+            fc = parse_as(_FunctionCallItem, raw, where)
             call = {
                 "id": fc.call_id,
                 "type": "function",
@@ -158,7 +158,7 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[Message]:
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
-            out = _parse(_FunctionCallOutputItem, raw, where)
+            out = parse_as(_FunctionCallOutputItem, raw, where)
             messages.append(
                 {
                     "role": "tool",

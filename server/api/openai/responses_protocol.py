@@ -48,7 +48,20 @@ class ToolChoiceFunction(_Wire):
     name: str
 
 
-ToolChoice = Literal["none", "auto", "required"] | ToolChoiceFunction
+class AllowedTool(_Wire):
+    type: Literal["function"]
+    name: str
+
+
+class ToolChoiceAllowed(_Wire):
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required"]
+    tools: list[AllowedTool]
+
+
+# "none" | "auto" | "required" | one of the objects above; kept raw so that a bad value (or a
+# built-in tool's choice) is a 400 naming it, checked in responses_tools.
+ToolChoice = str | dict[str, Any]
 
 
 class Reasoning(_Wire):

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from server.api.openai.responses_input import parse_as
 from server.api.openai.responses_protocol import (
     FunctionTool,
     ItemStatus,
     ResponseCreateRequest,
     StreamEvent,
+    ToolChoiceAllowed,
+    ToolChoiceFunction,
 )
 from server.api.openai.responses_stream import OutputBuilder
 from server.core import grammar
@@ -26,7 +30,7 @@ from server.core.tools import (
     detect_format,
 )
 from server.engine.base import Finished, ModelInfo
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, Unsupported
 
 _NO_PARAMETERS = {"type": "object", "properties": {}}
 
@@ -68,35 +72,57 @@ def _check_parameters(tools: Sequence[FunctionTool], functions: Sequence[Functio
         grammar.check_schema(f.parameters, param=f"tools[{index[f.name]}].parameters")
 
 
+def _tool_choice(
+    choice: str | dict[str, Any], functions: tuple[Function, ...], parallel: bool
+) -> tuple[tuple[Function, ...], tuple[Function, ...], bool]:
+    """(functions offered, functions one of which must be called, parallel) for tool_choice."""
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise InvalidRequest(
+                f"tool_choice {choice!r} is not one of none, auto, required (or an object)",
+                param="tool_choice",
+            )
+        if choice == "none":  # left out of the prompt: the reply cannot call them
+            return (), (), parallel
+        return functions, functions if choice == "required" else (), parallel
+    by_name = {f.name: f for f in functions}
+
+    def named(name: str, param: str) -> Function:
+        if name not in by_name:
+            raise InvalidRequest(f"no tool named {name!r} in tools", param=param)
+        return by_name[name]
+
+    kind = choice.get("type")
+    if kind == "function":
+        fc = parse_as(ToolChoiceFunction, choice, "tool_choice")
+        # OpenAI: the model calls that one function.
+        return functions, (named(fc.name, "tool_choice.name"),), False
+    if kind == "allowed_tools":
+        allowed = parse_as(ToolChoiceAllowed, choice, "tool_choice")
+        subset = tuple(
+            named(t.name, f"tool_choice.tools[{i}].name") for i, t in enumerate(allowed.tools)
+        )
+        return subset, subset if allowed.mode == "required" else (), parallel
+    raise Unsupported(
+        f"tool_choice type {kind!r} is not supported; only function tools run here",
+        param="tool_choice.type",
+    )
+
+
 def plan_output(
     info: ModelInfo, body: ResponseCreateRequest, tools: Sequence[FunctionTool]
 ) -> OutputPlan:
     choice = body.tool_choice
-    if not tools:
-        if choice not in ("none", "auto"):
-            raise InvalidRequest("tool_choice needs tools", param="tool_choice")
-        b = grammar.GrammarBuilder()
-        content = _content_rule(body, b)
-        return OutputPlan(grammar=b.root(content) if content else None)
-    functions = _functions(tools)
-    if choice == "none":  # left out of the prompt: the reply cannot call them
-        b = grammar.GrammarBuilder()
-        content = _content_rule(body, b)
-        return OutputPlan(grammar=b.root(content) if content else None)
-    parallel = body.parallel_tool_calls is not False
-    if choice == "required":
-        forced = functions
-    elif choice == "auto":
-        forced = ()
-    else:
-        named = [f for f in functions if f.name == choice.name]
-        if not named:
-            raise InvalidRequest(
-                f"no tool named {choice.name!r} in tools", param="tool_choice.name"
-            )
-        forced, parallel = (named[0],), False  # OpenAI: the model calls that one function
-    fmt = detect_format(info.chat_template)
+    if not tools and choice not in ("none", "auto"):
+        raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+    functions, forced, parallel = _tool_choice(
+        choice, _functions(tools), body.parallel_tool_calls is not False
+    )
     b = grammar.GrammarBuilder()
+    if not functions:
+        content = _content_rule(body, b)
+        return OutputPlan(grammar=b.root(content) if content else None)
+    fmt = detect_format(info.chat_template)
     if forced:
         _check_parameters(tools, forced)
         return OutputPlan(functions, b.root(call_rule(b, forced, fmt, parallel=parallel)), parallel)
