@@ -11,7 +11,7 @@ KEY := $(shell printf '%s' "$$CMAKE_ARGS" | sha256sum | cut -c1-12)
 SERVE_STAMP := $(VENV)/.installed-serve-$(KEY)
 DEV_STAMP := $(VENV)/.installed-dev-$(KEY)
 
-.PHONY: serve test setup model lint format clean
+.PHONY: serve test setup model lint typecheck format clean
 
 $(SERVE_STAMP): pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) scripts/install.sh $(VENV)
@@ -35,11 +35,14 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+typecheck: setup
+	$(BIN)/mypy
+
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: model lint
+test: model lint typecheck
 	$(BIN)/python -m pytest
 
 clean:

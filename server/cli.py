@@ -27,7 +27,9 @@ TOOLS = {
 }
 
 
-def settings_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> CliSettingsSource:
+def settings_flags(
+    parser: argparse.ArgumentParser, cls: type[BaseSettings]
+) -> CliSettingsSource[argparse.ArgumentParser]:
     """One ``--flag`` per field of ``cls``, with its type, choices, default and variable.
 
     pydantic-settings' own CLI source builds them from the class (so a new field is a new flag,

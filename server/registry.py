@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -202,7 +202,7 @@ def load_registry(path: Path) -> Registry:
     return parse_registry(raw, path)
 
 
-def parse_registry(raw: dict, path: Path) -> Registry:
+def parse_registry(raw: dict[str, Any], path: Path) -> Registry:
     unknown = set(raw) - {"default_model", "defaults", "models"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
@@ -247,4 +247,5 @@ def parse_registry(raw: dict, path: Path) -> Registry:
         problems.append(f'default_model: names no model: "{default_model}"')
     if problems:
         raise ConfigError(f"{path}:\n" + "\n".join(problems))
+    assert isinstance(default_model, str)  # checked above: problems are raised
     return Registry(path=path.resolve(), default_model=default_model, models=models)

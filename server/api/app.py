@@ -13,6 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
 from server.api import auth, errors, health, relay
+from server.api.llamacpp import errors as llamacpp_errors
+from server.api.llamacpp import routes as llamacpp
 from server.api.ollama import chat as ollama_chat
 from server.api.ollama import errors as ollama_errors
 from server.api.ollama import generate as ollama_generate
@@ -41,7 +43,7 @@ def create_app(
     """
     if engine_factory is None:
         engine_factory = make_engine_factory(
-            settings.engine, settings.slots, settings.prefill_chunk
+            settings.engine, settings.slots, settings.prefill_chunk, settings.prompt_cache()
         )
     metrics = Metrics()
     manager = ModelManager(registry, settings, engine_factory, metrics)
@@ -70,7 +72,14 @@ def create_app(
     app.state.metrics = metrics
     app.state.responses = ResponseStore()  # for /v1/responses' previous_response_id
     # Dialects other than OpenAI's add (path prefix, renderer) pairs here.
-    errors.install(app, default=openai_errors.render, by_prefix=[("/api/", ollama_errors.render)])
+    errors.install(
+        app,
+        default=openai_errors.render,
+        by_prefix=[
+            ("/api/", ollama_errors.render),
+            *((p, llamacpp_errors.render) for p in llamacpp_errors.PREFIXES),
+        ],
+    )
     app.add_middleware(relay.ModelLeases, manager=manager)
     v1 = [Depends(auth.require_api_key)]
 
@@ -100,6 +109,7 @@ def create_app(
     for ollama in (ollama_generate, ollama_chat, ollama_models, ollama_pull):
         app.include_router(ollama.router, dependencies=v1)
     app.include_router(ollama_models.root_router)
+    app.include_router(llamacpp.router, dependencies=v1)
     app.include_router(health.router)
     return app
 
