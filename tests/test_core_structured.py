@@ -225,3 +225,59 @@ def test_call_text_round_trips():
         assert [(c.name, json.loads(c.arguments)) for c in calls] == [
             ("get_weather", {"city": "Rome"})
         ]
+
+
+# -- the OpenAI dialect's mapping of constraint fields (no model) ----------------------------
+
+
+def _chat(**kw):
+    from server.api.openai.protocol import ChatCompletionRequest
+
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER.parameters}},
+        {"type": "function", "function": {"name": "add"}},
+    ]
+    return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=tools, **kw)
+
+
+def test_tool_plans():
+    from server.api.openai.constraints import tool_plan
+
+    auto = tool_plan(_chat())
+    assert auto is not None and not auto.forced and auto.parallel
+    assert tool_plan(_chat(tool_choice="none")) is None
+    assert [f.name for f in tool_plan(_chat(tool_choice="required")).forced] == [
+        "get_weather",
+        "add",
+    ]
+    named = tool_plan(_chat(tool_choice={"type": "function", "function": {"name": "add"}}))
+    assert [f.name for f in named.forced] == ["add"] and not named.parallel
+    allowed = tool_plan(
+        _chat(
+            tool_choice={
+                "type": "allowed_tools",
+                "allowed_tools": {
+                    "mode": "required",
+                    "tools": [{"type": "function", "function": {"name": "add"}}],
+                },
+            }
+        )
+    )
+    assert [f.name for f in allowed.functions] == ["add"] == [f.name for f in allowed.forced]
+    with pytest.raises(InvalidRequest):
+        tool_plan(_chat(tool_choice={"type": "function", "function": {"name": "nope"}}))
+
+
+def test_chat_grammars():
+    from server.api.openai.constraints import chat_grammar, tool_plan
+
+    plain = _chat()
+    assert chat_grammar(plain, tool_plan(plain), "hermes") is None  # auto, free text
+    forced = _chat(tool_choice="required")
+    assert "<tool_call>" in chat_grammar(forced, tool_plan(forced), "hermes")
+    both = _chat(response_format={"type": "json_object"})
+    gbnf = chat_grammar(both, tool_plan(both), "hermes")
+    assert grammar.check_gbnf(gbnf) and "<tool_call>" in gbnf and "root ::= calls | json" in gbnf
+    with pytest.raises(InvalidRequest) as e:
+        chat_grammar(_chat(grammar='root ::= "a"'), tool_plan(_chat()), "hermes")
+    assert e.value.param == "grammar"

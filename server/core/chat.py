@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -32,7 +32,7 @@ from server.errors import InvalidRequest
 
 
 def render_chat(
-    info: ModelInfo, messages: list[dict], tools: Sequence[Function] = ()
+    info: ModelInfo, messages: list[dict[str, Any]], tools: Sequence[Function] = ()
 ) -> tuple[str, bool]:
     """The prompt text, and whether it already starts with the BOS token."""
     if not info.chat_template:
@@ -47,7 +47,8 @@ def render_chat(
         messages, tool_dicts = _fallback_messages(messages, tools), []
     formatter = Jinja2ChatFormatter(info.chat_template, info.eos_token, info.bos_token)
     try:
-        text = formatter(messages=messages, tools=tool_dicts or None).prompt
+        # Hugging Face message dicts, wider than llama-cpp-python's own TypedDicts.
+        text = formatter(messages=cast(Any, messages), tools=cast(Any, tool_dicts or None)).prompt
     except (jinja2.TemplateError, ValueError, TypeError) as e:  # e.g. bad role order
         raise InvalidRequest(
             f"the model's chat template rejected the messages: {e}", param="messages"
@@ -55,7 +56,7 @@ def render_chat(
     return text, bool(info.bos_token) and text.startswith(info.bos_token)
 
 
-def _hf_message(m: dict) -> dict:
+def _hf_message(m: dict[str, Any]) -> dict[str, Any]:
     """Hugging Face templates read a call's arguments as a mapping (they ``tojson`` it)."""
     if not m.get("tool_calls"):
         return m
@@ -68,8 +69,10 @@ def _hf_message(m: dict) -> dict:
     return {**m, "content": m.get("content") or "", "tool_calls": calls}
 
 
-def _fallback_messages(messages: list[dict], tools: Sequence[Function]) -> list[dict]:
-    out: list[dict] = []
+def _fallback_messages(
+    messages: list[dict[str, Any]], tools: Sequence[Function]
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     for m in messages:
         role, content = m["role"], m.get("content") or ""
         if role == "assistant" and m.get("tool_calls"):
@@ -97,7 +100,9 @@ def _fallback_messages(messages: list[dict], tools: Sequence[Function]) -> list[
     return out
 
 
-def chat_prompt(engine: Engine, messages: list[dict]) -> list[int]:
+def chat_prompt(
+    engine: Engine, messages: list[dict[str, Any]], tools: Sequence[Function] = ()
+) -> list[int]:
     """Token ids of chat messages rendered with the model's template (BOS added once)."""
-    text, has_bos = render_chat(engine.info, messages)
+    text, has_bos = render_chat(engine.info, messages, tools)
     return engine.tokenize(text, add_bos=not has_bos)

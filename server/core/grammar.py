@@ -21,6 +21,9 @@ from llama_cpp import llama_grammar as lg
 
 from server.errors import InvalidRequest, Unsupported
 
+# The converter module has no annotations; it is used through this one untyped name.
+_SchemaConverter: Any = lg.SchemaConverter
+
 # Keywords that describe a schema without constraining its instances: dropped before conversion.
 ANNOTATIONS = frozenset(
     {
@@ -46,6 +49,7 @@ ENFORCED_FORMATS = frozenset(
 PRIMITIVES = frozenset({"string", "number", "integer", "boolean", "null", "object", "array"})
 MAX_GRAMMAR_CHARS = 256 * 1024  # the parser recurses per nesting level: bound what it is handed
 _MAX_REF_DEPTH = 64
+_TOKEN_REF = re.compile(r"!?<[^<>\s]+>")
 _LITERAL_ESCAPE = re.compile(r'[\\"\x00-\x1f\x7f]')
 
 
@@ -59,7 +63,7 @@ def _escape(m: re.Match[str]) -> str:
 class _Walker:
     """Checks one schema against what the converter enforces, building the copy it converts."""
 
-    def __init__(self, root: dict, param: str):
+    def __init__(self, root: dict[str, Any], param: str):
         self.root, self.param = root, param
 
     def unsupported(self, keyword: str, path: str, why: str = "is not supported") -> Unsupported:
@@ -68,7 +72,7 @@ class _Walker:
     def invalid(self, what: str) -> InvalidRequest:
         return InvalidRequest(f"JSON schema: {what}", param=self.param)
 
-    def only(self, s: dict, allowed: set[str], path: str, where: str) -> None:
+    def only(self, s: dict[str, Any], allowed: set[str], path: str, where: str) -> None:
         extra = sorted(set(s) - allowed)
         if extra:
             raise self.unsupported(extra[0], path, f"{where} is not supported")
@@ -84,7 +88,7 @@ class _Walker:
             target = target[part]
         return target
 
-    def clean(self, node: Any, path: str, refs: tuple[str, ...] = ()) -> dict:
+    def clean(self, node: Any, path: str, refs: tuple[str, ...] = ()) -> dict[str, Any]:
         """A copy of ``node`` the converter enforces fully: annotations dropped, refs inlined."""
         if node is True:
             return {}
@@ -146,7 +150,7 @@ class _Walker:
         self.only(s, {"type"}, path, f"on {'an untyped schema' if t is None else repr(t)}")
         return s
 
-    def clean_object(self, s: dict, path: str, refs: tuple[str, ...]) -> dict:
+    def clean_object(self, s: dict[str, Any], path: str, refs: tuple[str, ...]) -> dict[str, Any]:
         self.only(
             s, {"type", "properties", "required", "additionalProperties"}, path, "on an object"
         )
@@ -173,7 +177,7 @@ class _Walker:
             "additionalProperties": extra,
         }
 
-    def clean_array(self, s: dict, path: str, refs: tuple[str, ...]) -> dict:
+    def clean_array(self, s: dict[str, Any], path: str, refs: tuple[str, ...]) -> dict[str, Any]:
         if "prefixItems" in s or isinstance(s.get("items"), list):
             # A tuple: the converter emits exactly these items, which every such schema accepts
             # unless it bounds the length or constrains further items.
@@ -187,7 +191,7 @@ class _Walker:
         return {"type": "array", "items": self.clean(s["items"], f"{path}/items", refs), **bounds}
 
 
-def check_schema(schema: Any, *, param: str = "response_format") -> dict:
+def check_schema(schema: Any, *, param: str = "response_format") -> dict[str, Any]:
     """A copy of ``schema`` that the converter enforces completely (annotations dropped, local
     ``$ref``s inlined), or ``Unsupported`` (400) naming the first keyword it would not enforce."""
     if not isinstance(schema, dict):
@@ -203,7 +207,7 @@ class GrammarBuilder:
     """
 
     def __init__(self) -> None:
-        self._conv = lg.SchemaConverter(
+        self._conv: Any = _SchemaConverter(
             prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
         )
 
@@ -249,7 +253,7 @@ def check_gbnf(gbnf: str, *, param: str = "grammar", vocab: Any = None) -> str:
 
     Parsed by ``llama_sampler_init_grammar`` itself, so the check is the decode loop's own. With
     ``vocab`` (a ``llama_vocab`` pointer) token references such as ``<|im_end|>`` resolve; without
-    one, a grammar that uses them is refused.
+    one, a grammar that may use them is left to the engine, which parses it with its vocabulary.
     """
     import llama_cpp
 
@@ -261,14 +265,15 @@ def check_gbnf(gbnf: str, *, param: str = "grammar", vocab: Any = None) -> str:
         raise InvalidRequest("grammar contains a NUL character", param=param)
     if not re.search(r"(?m)^\s*root\s*::=", gbnf):
         raise InvalidRequest("grammar has no `root ::= ...` rule", param=param)
+    if vocab is None and _TOKEN_REF.search(gbnf):
+        # Token references (<|im_end|>, <[42]>) need the model's vocabulary: the engine parses
+        # the grammar with it when the request is submitted, and a failure there is a 400 too.
+        return gbnf
     sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
     if not sampler:
-        hint = (
-            "" if vocab is not None else "; token references such as <|im_end|> are not supported"
-        )
         raise InvalidRequest(
             "grammar is not valid GBNF (llama.cpp could not parse it; see "
-            f"https://github.com/ggml-org/llama.cpp/blob/master/grammars/README.md){hint}",
+            "https://github.com/ggml-org/llama.cpp/blob/master/grammars/README.md)",
             param=param,
         )
     llama_cpp.llama_sampler_free(sampler)

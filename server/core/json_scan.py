@@ -12,6 +12,9 @@ import re
 from dataclasses import dataclass
 
 _SCALAR = re.compile(r"[^,}\]\s]*")
+_WS = re.compile(r"[ \t\r\n]*")
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_STRUCTURAL = re.compile(r'[{}\[\]"]')
 
 
 class Malformed(Exception):
@@ -29,23 +32,13 @@ class ObjectScan:
 
 
 def skip_ws(s: str, i: int) -> int:
-    while i < len(s) and s[i] in " \t\r\n":
-        i += 1
-    return i
+    return _WS.match(s, i).end()  # type: ignore[union-attr]  # matches the empty string too
 
 
 def _string_end(s: str, i: int) -> int | None:
     """Index after the JSON string starting at ``s[i] == '"'``, or None if it is unfinished."""
-    j = i + 1
-    while j < len(s):
-        c = s[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c == '"':
-            return j + 1
-        j += 1
-    return None
+    m = _STRING.match(s, i)
+    return m.end() if m else None
 
 
 def _value_end(s: str, i: int) -> int | None:
@@ -54,22 +47,20 @@ def _value_end(s: str, i: int) -> int | None:
     if c == '"':
         return _string_end(s, i)
     if c in "{[":
+        # Regexes jump between brackets and strings: the text is rescanned as it grows.
         depth, j = 0, i
-        while j < len(s):
-            c = s[j]
+        while (m := _STRUCTURAL.search(s, j)) is not None:
+            c, j = m.group(), m.start()
             if c == '"':
                 end = _string_end(s, j)
                 if end is None:
                     return None
                 j = end
                 continue
-            if c in "{[":
-                depth += 1
-            elif c in "}]":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
+            depth += 1 if c in "{[" else -1
             j += 1
+            if depth == 0:
+                return j
         return None
     m = _SCALAR.match(s, i)
     end = m.end() if m else i

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any, Literal, cast
 
 from fastapi import APIRouter, Request
+from starlette.responses import Response
 
 from server.api import relay
 from server.api.openai import constraints, params
@@ -15,7 +18,9 @@ from server.api.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
+    ChatMessage,
     ChatTokenLogprob,
+    FimCompletionRequest,
     FunctionCallOut,
     ToolCallOut,
     TopLogprob,
@@ -24,7 +29,7 @@ from server.api.openai.protocol import (
 )
 from server.api.openai.streaming import sse, usage
 from server.core.budget import completion_budget
-from server.core.chat import render_chat
+from server.core.chat import chat_prompt
 from server.core.tools import (
     ArgumentsDelta,
     CallStart,
@@ -34,27 +39,32 @@ from server.core.tools import (
     detect_format,
 )
 from server.engine.base import Delta, Engine, Event, Finished, GenerationRequest, TokenLogprob
+from server.scheduler import ModelWorker
+
+# What a route returns: a JSON body, an SSE stream, or nothing for a client that left.
+Answer = ChatCompletionResponse | Response | None
 
 router = APIRouter()
 
 
-def _message(m) -> dict:
-    out: dict = {"role": m.role, "content": m.text()}
+def _message(m: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.text()}
     if m.tool_calls:
         out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
-    if m.name is not None and m.role == "tool":
+    if m.name is not None:  # templates that know participant (or tool) names render it
         out["name"] = m.name
     return out
 
 
-def render_prompt(
+async def render_prompt(
     engine: Engine, body: ChatCompletionRequest, plan: ToolPlan | None = None
 ) -> list[int]:
+    """The prompt's token ids; rendering and tokenizing run off the event loop."""
     messages = [_message(m) for m in body.messages]
-    text, has_bos = render_chat(engine.info, messages, plan.functions if plan else ())
-    return engine.tokenize(text, add_bos=not has_bos)
+    functions = plan.functions if plan else ()
+    return await asyncio.to_thread(chat_prompt, engine, messages, functions)
 
 
 def _chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
@@ -75,12 +85,12 @@ def _chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Answer:
     worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     info = worker.engine.info
     plan = constraints.tool_plan(body)
     gbnf = constraints.chat_grammar(body, plan, detect_format(info.chat_template))
-    prompt = render_prompt(worker.engine, body, plan)
+    prompt = await render_prompt(worker.engine, body, plan)
     wanted = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     greq = GenerationRequest(
@@ -99,8 +109,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     return await respond(worker, greq, request, body, label="chat", tools=plan)
 
 
-def _finish(f: Finished | None, parser: ToolCallParser | None) -> str | None:
-    reason = relay.finish_reason(f)
+ChatFinish = Literal["stop", "length", "tool_calls"]
+
+
+def _finish(f: Finished | None, parser: ToolCallParser | None) -> ChatFinish | None:
+    reason = cast(ChatFinish | None, relay.finish_reason(f))
     if parser is not None and parser.calls and reason == "stop" and not parser.incomplete:
         return "tool_calls"
     return reason
@@ -111,14 +124,14 @@ def _parser(tools: ToolPlan | None) -> ToolCallParser | None:
 
 
 async def respond(
-    worker,
+    worker: ModelWorker,
     greq: GenerationRequest,
     request: Request,
-    body,
+    body: ChatCompletionRequest | FimCompletionRequest,
     *,
     label: str,
     tools: ToolPlan | None = None,
-):
+) -> Answer:
     """Answer in chat-completion shape (also what Mistral's /v1/fim/completions returns)."""
     cid, created, model = new_id("chatcmpl"), now(), worker.name
     try:
@@ -163,7 +176,7 @@ async def respond(
     )
 
 
-def _delta(ev: ToolEvent) -> dict:
+def _delta(ev: ToolEvent) -> dict[str, Any]:
     """A tool parser's event as OpenAI's chunk delta: a call's id, type and name come first,
     then fragments of its arguments that concatenate to the final ``arguments``."""
     if isinstance(ev, ContentDelta):
@@ -182,13 +195,15 @@ async def _chunks(
     cid: str,
     created: int,
     model: str,
-    body,
+    body: ChatCompletionRequest | FimCompletionRequest,
     logprobs: bool,
     tools: ToolPlan | None = None,
-) -> AsyncIterator[dict]:
+) -> AsyncIterator[dict[str, Any]]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(index: int, delta: dict, lp=None, finish=None) -> dict:
+    def chunk(
+        index: int, delta: dict[str, Any], lp: Any = None, finish: str | None = None
+    ) -> dict[str, Any]:
         return {
             "id": cid,
             "object": "chat.completion.chunk",
@@ -200,8 +215,9 @@ async def _chunks(
 
     started: set[int] = set()
     parsers: dict[int, ToolCallParser | None] = {}
-    finished = []
+    finished: list[Finished] = []
     async for ev in events:
+        assert isinstance(ev, Delta | Finished)  # a generation request's events
         if ev.index not in started:  # OpenAI opens every choice with the role
             started.add(ev.index)
             parsers[ev.index] = _parser(tools)
