@@ -21,8 +21,17 @@ from server.api.ollama import errors as ollama_errors
 from server.api.ollama import generate as ollama_generate
 from server.api.ollama import models as ollama_models
 from server.api.ollama import pull as ollama_pull
-from server.api.openai import chat, completions, embeddings, fim, lifecycle, models
+from server.api.openai import (
+    chat,
+    completions,
+    embeddings,
+    fim,
+    lifecycle,
+    models,
+    responses,
+)
 from server.api.openai import errors as openai_errors
+from server.api.openai.responses_store import ResponseStore
 from server.engine.factory import make_engine_factory
 from server.manager import EngineFactory, ModelManager
 from server.metrics import Metrics
@@ -70,6 +79,7 @@ def create_app(
     app.state.settings = settings
     app.state.manager = manager
     app.state.metrics = metrics
+    app.state.responses = ResponseStore()  # for /v1/responses' previous_response_id
     # Dialects other than OpenAI's add (path prefix, renderer) pairs here.
     errors.install(
         app,
@@ -105,6 +115,7 @@ def create_app(
     app.include_router(lifecycle.router, dependencies=v1)
     app.include_router(models.router, dependencies=v1)
     app.include_router(embeddings.router, dependencies=v1)
+    app.include_router(responses.router, dependencies=v1)
     for ollama in (ollama_generate, ollama_chat, ollama_models, ollama_pull, ollama_embed):
         app.include_router(ollama.router, dependencies=v1)
     app.include_router(ollama_models.root_router)
