@@ -147,14 +147,16 @@ class ModelManager:
         """Live figures per resident model, read at scrape time (see server.metrics)."""
         rows = []
         for name, w in list(self._workers.items()):
-            used, n_ctx = w.engine.kv_tokens(), w.engine.info.n_ctx
+            used = w.engine.kv_tokens()
+            # Every slot has n_ctx cells of its own: the ratio is of the whole cache.
+            cells = w.engine.info.n_ctx * w.engine.slots
             rows.append(
                 {
                     "model": name,
                     "processing": w.running,
                     "deferred": w.queue_depth,
                     "kv_tokens": used,
-                    "kv_ratio": used / n_ctx,
+                    "kv_ratio": used / cells,
                     "memory_bytes": self._footprints.get(name, 0),
                 }
             )

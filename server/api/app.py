@@ -7,12 +7,14 @@ import logging
 from contextlib import asynccontextmanager, suppress
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api import auth, errors, health
+from server.api import auth, errors, guards, health
 from server.api.openai import chat, completions, fim, models
 from server.api.openai import errors as openai_errors
+from server.api.openai.protocol import ErrorResponse
 from server.engine.factory import make_engine_factory
 from server.manager import EngineFactory, ModelManager
 from server.metrics import Metrics
@@ -53,7 +55,9 @@ def create_app(
     app.state.manager = manager
     app.state.metrics = metrics
     # Dialects other than OpenAI's add (path prefix, renderer) pairs here.
-    errors.install(app, default=openai_errors.render, by_prefix=[])
+    respond = errors.install(app, default=openai_errors.render, by_prefix=[])
+    # ... and (path prefix, error envelope model) pairs here, for the OpenAPI document.
+    errors.document(app, default=ErrorResponse, by_prefix=[])
     v1 = [Depends(auth.require_api_key)]
 
     @app.middleware("http")
@@ -78,6 +82,25 @@ def create_app(
     app.include_router(fim.router, dependencies=v1)
     app.include_router(models.router, dependencies=v1)
     app.include_router(health.router)
+
+    # Added last, so they run first: a refused request touches nothing else.
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(
+        guards.BodyLimit, respond=respond, max_bytes=int(settings.max_body_mb * (1 << 20))
+    )
+    app.add_middleware(
+        guards.HostGuard,
+        respond=respond,
+        bound_host=settings.host,
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=[*settings.allowed_origins, *settings.cors_origins],
+    )
     return app
 
 

@@ -8,13 +8,26 @@ errors known before that first event (queue full, queue timeout) still become pr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 from fastapi import Request
 
 from server.engine.base import Delta, Event, Finished, GenerationRequest, TokenLogprob
 from server.scheduler import ModelWorker
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def blocking(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run CPU-heavy request work (tokenizing, template rendering) on a thread.
+
+    A long prompt then delays only its own request: other streams and /health keep being served
+    by the event loop meanwhile.
+    """
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 async def model_worker(request: Request, name: str | None) -> ModelWorker:

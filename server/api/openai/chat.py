@@ -19,17 +19,20 @@ from server.api.openai.protocol import (
     new_id,
     now,
 )
-from server.api.openai.streaming import sse, usage
+from server.api.openai.streaming import documented, sse, usage
 from server.core.budget import completion_budget
 from server.core.chat import render_chat
+from server.core.prompt_size import check_prompt_bytes
 from server.engine.base import Delta, Engine, Event, GenerationRequest, TokenLogprob
 
 router = APIRouter()
 
 
 def render_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
+    """Template, size check and tokens: CPU work, so routes call it through relay.blocking."""
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     text, has_bos = render_chat(engine.info, messages)
+    check_prompt_bytes(engine, text, param="messages")
     return engine.tokenize(text, add_bos=not has_bos)
 
 
@@ -50,10 +53,12 @@ def _chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
     )
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions", response_model=None, responses=documented(ChatCompletionResponse)
+)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     worker = await relay.model_worker(request, body.model)
-    prompt = render_prompt(worker.engine, body)
+    prompt = await relay.blocking(render_prompt, worker.engine, body)
     wanted = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     greq = GenerationRequest(

@@ -1,7 +1,8 @@
 """OpenAI wire shapes as pydantic models, and nothing else.
 
 Requests ignore fields they do not know, as OpenAI-compatible servers do: clients send many
-provider-specific extras. Bounds are checked here so a bad value is a 400 naming the field.
+provider-specific extras. Bounds are checked here so a bad value is a 400 naming the field. Types
+are strict: an int field takes no 1.0 or true, a bool field no "yes", a token id no false.
 """
 
 from __future__ import annotations
@@ -10,20 +11,36 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 64
 
 
+def _valid_unicode(v: str) -> str:
+    # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer can encode.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"text contains a lone UTF-16 surrogate at character {e.start}, which is not valid "
+            "Unicode"
+        ) from None
+    return v
+
+
+# Every string that reaches a tokenizer, a template or a log goes through this type.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-def _normalize_stop(v: str | list[str] | None) -> list[str]:
+def _normalize_stop(v: Any) -> Any:
     if v is None:
         return []
     if not isinstance(v, str | list):
@@ -35,7 +52,7 @@ def _normalize_stop(v: str | list[str] | None) -> list[str]:
 
 
 class _SamplingFields(_Request):
-    model: str | None = None
+    model: Text | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(40, ge=0)
@@ -44,11 +61,11 @@ class _SamplingFields(_Request):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = None
-    stop: Annotated[list[str], Field(default_factory=list)]
+    stop: Annotated[list[Text], Field(default_factory=list)]
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # llama-server's name: stop generating (finish_reason "length") after this many milliseconds.
     t_max_predict_ms: int | None = Field(None, gt=0)
     # codeserve extensions: speculative decoding per request (default: the model's setting).
@@ -59,19 +76,19 @@ class _SamplingFields(_Request):
 
 
 class ExtraFile(_Request):
-    filename: str = "untitled"
-    text: str
+    filename: Text = "untitled"
+    text: Text
 
 
 class _FimFields(_Request):
-    suffix: str | None = None
+    suffix: Text | None = None
     # Repository-level context for fill-in-the-middle, in llama-server's /infill shape.
     input_extra: list[ExtraFile] = Field(default_factory=list)
-    filename: str | None = None
+    filename: Text | None = None
 
 
 class CompletionRequest(_SamplingFields, _FimFields):
-    prompt: str | list[int] | list[str] | list[list[int]] = ""
+    prompt: Text | list[int] | list[Text] | list[list[int]] = ""
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -90,20 +107,20 @@ class CompletionRequest(_SamplingFields, _FimFields):
 class FimCompletionRequest(_SamplingFields, _FimFields):
     """Mistral's /v1/fim/completions: prompt (code before the cursor) + suffix (after it)."""
 
-    prompt: str
+    prompt: Text
     max_tokens: int | None = Field(None, ge=1)
     random_seed: int | None = None  # Mistral's name for seed
 
 
 class ContentPart(_Request):
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
