@@ -83,9 +83,15 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
         field = _field_path(e.get("loc", ()), exc.body, missing=e.get("type") == "missing")
         found.append((field, e.get("type", ""), e["msg"]))
     # Where one union member had the right type but a bad value, the other members' "should be
-    # a valid list" is noise: keep what is wrong with the value.
-    valued = {f for f, t, _ in found if not t.endswith("_type")}
-    kept = [(f, m) for f, t, m in found if f not in valued or not t.endswith("_type")]
+    # a valid string" (there or above it) is noise: keep what is wrong with the value.
+    valued = [f for f, t, _ in found if not t.endswith("_type")]
+
+    def noise(field: str, type_: str) -> bool:
+        return type_.endswith("_type") and any(
+            v == field or v.startswith(field + ".") or not field for v in valued
+        )
+
+    kept = [(f, m) for f, t, m in found if not noise(f, t)]
     messages = [f"{field or 'body'}: {msg}" for field, msg in kept]
     param = next((f for f, _ in kept if f), None)
     return "; ".join(dict.fromkeys(messages)) or "invalid request", param

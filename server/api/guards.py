@@ -114,7 +114,7 @@ class HostGuard:
         return parts.netloc.lower() == host_header.strip().lower()  # same origin
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] != "http":  # no websocket routes; lifespan has no host
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
