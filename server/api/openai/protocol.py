@@ -2,7 +2,8 @@
 
 Requests ignore fields they do not know, as OpenAI-compatible servers do: clients send many
 provider-specific extras. Bounds are checked here so a bad value is a 400 naming the field. Types
-are strict: an int field takes no 1.0 or true, a bool field no "yes", a token id no false.
+are strict: an int field takes no true or "7", a bool field no "yes" or 1, a token id no false.
+A JSON number with no fraction (1.0) is an integer, as JSON and the OpenAPI document say.
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP = 64
 
@@ -32,8 +41,28 @@ def _valid_unicode(v: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
+def _whole_numbers(v: Any) -> Any:
+    """JSON has one number type: 1.0 is the integer 1 (JSON Schema's "integer" says the same).
+
+    Strict validation would refuse it for an int field; a float field takes the int as it is.
+    """
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, list):
+        return [_whole_numbers(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _whole_numbers(x) for k, x in v.items()}
+    return v
+
+
 class _Request(BaseModel):
+    # Strict: true, "7" and 1.5 are not integers, 1 and "yes" not booleans.
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_numbers(cls, data: Any) -> Any:
+        return _whole_numbers(data)
 
 
 class StreamOptions(_Request):
@@ -51,6 +80,27 @@ def _normalize_stop(v: Any) -> Any:
     return [s for s in stops if s != ""]
 
 
+# What the validators below accept, for the OpenAPI document (pydantic sees only the types).
+_STOP_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP},
+        {"type": "null"},
+    ],
+    "description": "Text at which generation stops (one string or a list)",
+}
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        _TOKEN_IDS,
+        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": 1},
+    ],
+    "description": "Text or token ids; a batch of prompts may hold one prompt",
+}
+
+
 class _SamplingFields(_Request):
     model: Text | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -61,7 +111,7 @@ class _SamplingFields(_Request):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = None
-    stop: Annotated[list[Text], Field(default_factory=list)]
+    stop: Annotated[list[Text], Field(default_factory=list), WithJsonSchema(_STOP_SCHEMA)]
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -88,7 +138,9 @@ class _FimFields(_Request):
 
 
 class CompletionRequest(_SamplingFields, _FimFields):
-    prompt: Text | list[int] | list[Text] | list[list[int]] = ""
+    prompt: Annotated[
+        Text | list[int] | list[Text] | list[list[int]], WithJsonSchema(_PROMPT_SCHEMA)
+    ]
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)

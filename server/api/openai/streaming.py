@@ -18,6 +18,19 @@ from server.errors import CodeserveError
 log = logging.getLogger(__name__)
 
 
+# One server-sent event, as Open API before 3.2 reads a text/event-stream schema.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A JSON chunk, or an error envelope after a failure, then `[DONE]`",
+        }
+    },
+}
+
+
 def documented(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` of a route that answers ``model``, or a stream when asked."""
     return {
@@ -25,7 +38,7 @@ def documented(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
             "model": model,
             "description": "The completion; with `stream: true`, server-sent events of chunks, "
             "then `data: [DONE]`",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": _SSE_EVENT}},
         }
     }
 
