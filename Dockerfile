@@ -32,6 +32,7 @@ COPY scripts ./scripts
 COPY server ./server
 COPY quantize ./quantize
 COPY bench ./bench
+# No extra: the image serves; bench and quantize dependencies stay out of it.
 RUN CMAKE_ARGS="${CMAKE_ARGS}" CODESERVE_EDITABLE=0 PYTHON=python3 scripts/install.sh /opt/venv
 
 FROM ${RUNTIME_IMAGE}

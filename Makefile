@@ -5,31 +5,44 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 # A different CMAKE_ARGS (CUDA, Metal) is a different build: re-run the install for it.
-STAMP := $(VENV)/.installed-$(shell printf '%s' "$$CMAKE_ARGS" | sha256sum | cut -c1-12)
+KEY := $(shell printf '%s' "$$CMAKE_ARGS" | sha256sum | cut -c1-12)
+# Serving installs codeserve alone; developing and testing add the tools' extras (dev includes
+# bench and quantize), so a `make serve` brings no plotting or benchmark-only package.
+SERVE_STAMP := $(VENV)/.installed-serve-$(KEY)
+DEV_STAMP := $(VENV)/.installed-dev-$(KEY)
 
-.PHONY: serve test setup model lint format clean
+.PHONY: serve test setup model lint typecheck format clean
 
-$(STAMP): pyproject.toml scripts/install.sh
+$(SERVE_STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) scripts/install.sh $(VENV)
+	rm -f $(VENV)/.installed-serve-* && touch $@
+
+# A dev install is also a serving install: it stamps both.
+$(DEV_STAMP): pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) scripts/install.sh $(VENV) dev
-	rm -f $(VENV)/.installed-* && touch $@
+	rm -f $(VENV)/.installed-* && touch $@ $(SERVE_STAMP)
 
-setup: $(STAMP)
+setup: $(DEV_STAMP)
 
 model: setup
 	$(BIN)/codeserve pull
 
-serve: model
+serve: $(SERVE_STAMP)
+	$(BIN)/codeserve pull
 	$(BIN)/codeserve serve
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+typecheck: setup
+	$(BIN)/mypy
+
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: model lint
+test: model lint typecheck
 	$(BIN)/python -m pytest
 
 clean:

@@ -107,9 +107,9 @@ def cmd_suite(args: argparse.Namespace) -> None:
 def cmd_humaneval(args: argparse.Namespace) -> None:
     from bench.humaneval import evaluate
     from server.registry import load_registry
-    from server.settings import ServerSettings
+    from server.settings import StoreSettings
 
-    registry = load_registry(ServerSettings().models_file)
+    registry = load_registry(StoreSettings().models_file)
     models = args.models.split(",") if args.models else [registry.default_model]
     ks = tuple(int(k) for k in args.k.split(","))
     with nullcontext(args.url) if args.url else codeserve() as url:

@@ -225,15 +225,15 @@ def servers(
 def target(model: str | None = None, gguf: Path | None = None) -> Target:
     """The Target for a registry model (the default when None), pulled if needed; with `gguf`,
     that file with the model's settings (e.g. an F16 build from `codeserve quantize`)."""
-    from server.engine.llama import _available_cores
+    from server.engine.base import available_cores
     from server.registry import load_registry
-    from server.settings import ServerSettings
+    from server.settings import StoreSettings
     from server.store import ModelStore
 
-    settings = ServerSettings()
+    settings = StoreSettings()
     registry = load_registry(settings.models_file)
     cfg = registry.models[model or registry.default_model]
     path = gguf.resolve() if gguf else ModelStore(registry, settings.cache_dir).pull(cfg)
     name = gguf.stem.lower() if gguf else cfg.name
-    threads = cfg.n_threads or _available_cores()
+    threads = cfg.n_threads or available_cores()
     return Target(name, path, cfg.n_ctx, threads, cfg.n_batch, cfg.kv_cache, cfg.flash_attn)

@@ -60,9 +60,9 @@ def derived_gguf(src: Path, qtype: str, out_dir: Path | None = None) -> Path:
     if src.stem.upper().endswith(qtype.upper()):
         return src
     if out_dir is None:
-        from server.settings import ServerSettings
+        from server.settings import StoreSettings
 
-        out_dir = ServerSettings().cache_dir.parent / "derived"
+        out_dir = StoreSettings().cache_dir.parent / "derived"
     out = out_dir / f"{src.stem}-{qtype.upper()}.gguf"
     if out.is_file():
         return out

@@ -86,9 +86,9 @@ def _models_file(arg: str | None) -> Path | None:
         return None
     if arg:
         return Path(arg)
-    from server.settings import ServerSettings
+    from server.settings import StoreSettings
 
-    return ServerSettings().models_file
+    return StoreSettings().models_file
 
 
 def run(args: argparse.Namespace) -> dict:

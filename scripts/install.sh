@@ -6,7 +6,9 @@
 #   scripts/install.sh VENV [EXTRAS]
 #
 # VENV    virtualenv to create or update (created with $PYTHON, default python3)
-# EXTRAS  pip extras of codeserve to install, e.g. "dev" (default: none)
+# EXTRAS  pip extras of codeserve, comma-separated (default: none, which is all serving needs):
+#         "bench" and "quantize" bring those tools' dependencies, "dev" brings both plus the test
+#         and lint tools (`make test` passes dev; `make serve` and the Dockerfile pass nothing)
 #
 # CODESERVE_EDITABLE=0 installs a regular (non-editable) copy, as the container image does.
 #

@@ -61,6 +61,14 @@ class QueueTimeout(CodeserveError):
     code = "queue_timeout"
 
 
+class ShuttingDown(CodeserveError):
+    """The server is stopping: it admits nothing new and ends what is still running."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "shutting_down"
+
+
 class ModelUnavailable(CodeserveError):
     """The model cannot be loaded or fetched (offline, corrupt file, memory budget)."""
 

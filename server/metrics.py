@@ -87,6 +87,19 @@ class Metrics:
             buckets=_TOKEN_BUCKETS,
             registry=r,
         )
+        self.loads = Counter(
+            "codeserve_model_loads",
+            "Times a model was loaded into memory",
+            ["model"],
+            registry=r,
+        )
+        self.unloads = Counter(
+            "codeserve_model_unloads",
+            "Times a model was unloaded, by reason: idle (keep_alive ran out), memory (room for "
+            "another model), request (unload asked for), shutdown",
+            ["model", "reason"],
+            registry=r,
+        )
         self.load_seconds = Gauge(
             "codeserve_model_load_seconds",
             "Time the last load of a model took (fetch excluded)",
@@ -137,6 +150,12 @@ class _LiveState(Collector):
             "kv_ratio",
         ),
         ("codeserve_model_memory_bytes", "Weights plus KV cache at n_ctx", "memory_bytes"),
+        ("codeserve_model_resident", "1 for each model loaded in memory", "resident"),
+        (
+            "codeserve_model_keep_alive_seconds",
+            "How long the model stays loaded once idle (+Inf: never unloaded when idle)",
+            "keep_alive_s",
+        ),
     )
 
     def __init__(self, state: Callable[[], list[dict]]):

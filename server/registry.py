@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from server.errors import ConfigError
+from server.keepalive import KeepAlive
 
 KvCacheType = Literal["f16", "q8_0", "q4_0"]
 SpeculativeMode = Literal["off", "prompt_lookup", "draft"]
@@ -107,6 +108,12 @@ class ModelDefaults(_Strict):
     draft_max: int = Field(16, ge=1, le=32, description="most tokens drafted per target pass (K)")
     draft_adaptive: bool = Field(
         True, description="choose K per pass from the acceptance rate; false: always draft_max"
+    )
+    keep_alive: KeepAlive | None = Field(
+        None,
+        description='how long the model stays loaded once idle: "5m", "1h", seconds; negative: '
+        "never unload; 0: unload right after each request. Unset: never for the default model "
+        "and preloaded ones, 5m for the others",
     )
 
     @field_validator("flash_attn")
@@ -195,7 +202,7 @@ def load_registry(path: Path) -> Registry:
     return parse_registry(raw, path)
 
 
-def parse_registry(raw: dict, path: Path) -> Registry:
+def parse_registry(raw: dict[str, Any], path: Path) -> Registry:
     unknown = set(raw) - {"default_model", "defaults", "models"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
@@ -206,6 +213,8 @@ def parse_registry(raw: dict, path: Path) -> Registry:
         raise ConfigError(f"{path}:\n{_describe(e, 'defaults')}") from None
     models: dict[str, ModelConfig] = {}
     problems: list[str] = []
+    # Models with their own errors are still names: references to them are not errors too.
+    declared = set(raw.get("models", {}))
     for name, table in raw.get("models", {}).items():
         prefix = f'models."{name}"'
         if not isinstance(table, dict):
@@ -220,7 +229,7 @@ def parse_registry(raw: dict, path: Path) -> Registry:
     if not models and not problems:
         problems.append('no [models."NAME"] tables')
     for m in models.values():
-        if m.draft is not None and m.draft not in models:
+        if m.draft is not None and m.draft not in declared:
             problems.append(f'models."{m.name}".draft: names no model: "{m.draft}"')
         if m.draft == m.name:
             problems.append(f'models."{m.name}".draft: a model cannot be its own draft')
@@ -234,8 +243,9 @@ def parse_registry(raw: dict, path: Path) -> Registry:
         problems.append(
             "default_model: missing or not a string (the model served when a request names none)"
         )
-    elif models and default_model not in models:
+    elif declared and default_model not in declared:
         problems.append(f'default_model: names no model: "{default_model}"')
     if problems:
         raise ConfigError(f"{path}:\n" + "\n".join(problems))
+    assert isinstance(default_model, str)  # checked above: problems are raised
     return Registry(path=path.resolve(), default_model=default_model, models=models)

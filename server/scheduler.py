@@ -1,44 +1,51 @@
-"""Scheduling: one worker per loaded model, a bounded FIFO queue in front of it.
+"""Admission for one loaded model: who runs now, who waits, who is turned away.
 
-llama.cpp contexts are not thread-safe, so an engine says how many requests it can take at once
-(``slots``): the simple engine one, a batched engine several, which it steps together in its own
-decode loop. The worker runs that many threads over one FIFO queue; events travel back to the
-event loop through an asyncio queue. Cancellation (client
-gone, timeout) sets a flag the engine polls between tokens; a cancelled request still waiting in
-the queue is skipped without touching the model, so a burst of aborted requests costs nothing.
+An engine says how many requests it serves at once (``capacity``). Up to that many are submitted
+to it straight away; up to ``queue_size`` more wait in FIFO order; beyond that a request is
+refused with 429 at once, so a burst of ``capacity + queue_size`` is admitted whole. Everything
+here runs on the event loop: the engine's thread only hands events over
+(``call_soon_threadsafe``), so no thread waits per slot. A request whose client leaves frees its
+place at once: a waiting one leaves the queue, a running one is cancelled in the engine (its
+``End`` follows within a step). Shutdown stops admitting, fails the waiting requests, gives the
+running ones a bounded drain and then cancels them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-import queue
-import threading
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
-from server.engine.base import Delta, Engine, Event, Finished, GenerationRequest
-from server.errors import Overloaded, QueueTimeout
+from server.engine.base import (
+    Delta,
+    End,
+    Engine,
+    Event,
+    Finished,
+    GenerationRequest,
+    Handle,
+    Request,
+)
+from server.errors import CodeserveError, Overloaded, QueueTimeout, ShuttingDown
 from server.metrics import Metrics
 
 log = logging.getLogger("codeserve.requests")
 
-_DONE = object()
 
-
-@dataclass
+@dataclass(eq=False)
 class Job:
-    request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    request: Request
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     started: asyncio.Event = field(default_factory=asyncio.Event)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    handle: Handle | None = None
+    ended: bool = False
+    stopped_by_shutdown: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
-
-    def emit(self, item: object) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
 class ModelWorker:
@@ -53,102 +60,152 @@ class ModelWorker:
     ):
         self.name = name
         self.engine = engine
+        self.capacity = engine.capacity
+        self.queue_size = queue_size
         self.queue_timeout_s = queue_timeout_s
         self.metrics = metrics
-        self.running = 0  # jobs inside the engine right now (at most engine.slots)
-        self._running_lock = threading.Lock()
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
-        self._in_flight = 0  # queued + running; touched only on the event loop
-        self._threads = [
-            threading.Thread(target=self._run, name=f"worker-{name}-{i}", daemon=True)
-            for i in range(max(1, getattr(engine, "slots", 1)))
-        ]
-        for t in self._threads:
-            t.start()
+        self._waiting: deque[Job] = deque()
+        self._running: set[Job] = set()
+        self._accepting = True
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.last_used = time.monotonic()
 
     @property
-    def busy(self) -> bool:
-        return self._in_flight > 0
+    def running(self) -> int:
+        return len(self._running)
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
 
-    async def stream(self, request: GenerationRequest, *, label: str = "") -> AsyncIterator[Event]:
-        """Queue a request and yield its events; leaving early cancels it."""
-        job = Job(request, asyncio.get_running_loop())
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
+    @property
+    def busy(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    async def stream(self, request: Request, *, label: str = "") -> AsyncGenerator[Event, None]:
+        """Admit a request and yield its events; leaving early cancels it."""
+        if not self._accepting:
+            raise ShuttingDown(f"model {self.name!r} is shutting down; retry on another server")
+        job = Job(request)
+        if len(self._running) < self.capacity and not self._waiting:
+            self._start(job)  # a bad request (e.g. a grammar that does not parse) raises here
+        elif len(self._waiting) < self.queue_size:
+            self._waiting.append(job)
+        else:
             raise Overloaded(
-                f"model {self.name!r} has {self._queue.maxsize} requests waiting; retry later"
-            ) from None
-        self._in_flight += 1
+                f"model {self.name!r} is serving {self.capacity} requests with "
+                f"{self.queue_size} waiting; retry later"
+            )
+        self._idle.clear()
         outcome = "error"
         finished: list[Finished] = []
         token_times: list[float] = []
         try:
-            try:
-                await asyncio.wait_for(job.started.wait(), self.queue_timeout_s)
-            except TimeoutError:
-                raise QueueTimeout(
-                    f"request waited {self.queue_timeout_s:g}s for model {self.name!r} without "
-                    "being scheduled; the server is busy, retry later"
-                ) from None
-            while (item := await job.events.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, Finished):
-                    finished.append(item)
-                elif isinstance(item, Delta) and item.token_ids:
+            if not job.started.is_set():
+                try:
+                    await asyncio.wait_for(job.started.wait(), self.queue_timeout_s)
+                except TimeoutError:
+                    raise QueueTimeout(
+                        f"request waited {self.queue_timeout_s:g}s for model {self.name!r} "
+                        "without being scheduled; the server is busy, retry later"
+                    ) from None
+            while not isinstance(event := await job.events.get(), End):
+                if isinstance(event, Finished):
+                    finished.append(event)
+                elif isinstance(event, Delta) and event.token_ids:
                     token_times.append(time.perf_counter())
-                yield item
+                yield event
+            if event.error is not None:
+                raise event.error
+            if job.stopped_by_shutdown:
+                raise ShuttingDown("the server shut down before this request finished")
             outcome = "cancelled" if any(f.reason == "cancelled" for f in finished) else "ok"
         except (GeneratorExit, asyncio.CancelledError):
             outcome = "cancelled"
             raise
+        except CodeserveError as e:
+            outcome = type(e).__name__
+            raise
         finally:
-            job.cancel.set()
-            self._in_flight -= 1
+            self._leave(job)
             _log_request(self.name, label, job, finished, outcome)
             if self.metrics is not None:
                 ttft = token_times[0] - job.enqueued if token_times else None
                 gaps = (b - a for a, b in itertools.pairwise(token_times))
                 self.metrics.record_generation(self.name, finished, ttft, gaps)
 
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if job.cancel.is_set():  # its client left while it waited
-                job.emit(_DONE)
-                continue
-            job.loop.call_soon_threadsafe(job.started.set)
-            with self._running_lock:
-                self.running += 1
+    def _start(self, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+
+        def sink(event: Event) -> None:  # called on the engine's thread
+            loop.call_soon_threadsafe(self._deliver, job, event)
+
+        job.handle = self.engine.submit(job.request, sink)
+        self._running.add(job)
+        job.started.set()
+
+    def _deliver(self, job: Job, event: Event) -> None:
+        if isinstance(event, End):
+            job.ended = True
+            self._running.discard(job)
+            self._promote()
+        job.events.put_nowait(event)
+
+    def _promote(self) -> None:
+        """Start waiting requests while the engine has room."""
+        while self._waiting and len(self._running) < self.capacity:
+            job = self._waiting.popleft()
             try:
-                serve = getattr(self.engine, "serve", None)
-                if serve is not None:  # the engine delivers events from its own thread
-                    serve(job.request, job.cancel.is_set, job.emit)
-                else:
-                    for event in self.engine.generate(job.request, job.cancel.is_set):
-                        job.emit(event)
-            except Exception as e:
-                log.exception("generation failed on model %s", self.name)
-                job.emit(e)
-            finally:
-                with self._running_lock:
-                    self.running -= 1
-                job.emit(_DONE)
+                self._start(job)
+            except Exception as e:  # refused by the engine: that request fails, not the others
+                job.ended = True
+                job.started.set()
+                job.events.put_nowait(End(e))
+        self._note_idle()
+
+    def _leave(self, job: Job) -> None:
+        """The consumer is gone (done, failed or left): free the request's place now."""
+        self.last_used = time.monotonic()
+        if job in self._waiting:
+            self._waiting.remove(job)
+        elif not job.ended and job.handle is not None:
+            job.handle.cancel()  # its End arrives within a step and frees the running place
+        self._note_idle()
+
+    def _note_idle(self) -> None:
+        if not self._running and not self._waiting:
+            self._idle.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting; fail the waiting; let the running finish for ``timeout_s``, then
+        cancel them (their streams end with an error event, see ``stream``)."""
+        self._accepting = False
+        while self._waiting:
+            job = self._waiting.popleft()
+            job.ended = True
+            job.started.set()
+            job.events.put_nowait(End(ShuttingDown("the server is shutting down")))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        for job in list(self._running):
+            job.stopped_by_shutdown = True
+            if job.handle is not None:
+                job.handle.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), 5)
 
     def close(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-        for t in self._threads:
-            t.join()
         self.engine.close()
 
 
 def _log_request(model: str, label: str, job: Job, finished: list[Finished], outcome: str) -> None:
-    prompt = finished[0].timings.prompt_tokens if finished else len(job.request.prompt)
+    request = job.request
+    if isinstance(request, GenerationRequest):
+        prompt_len = len(request.prompt)
+    else:
+        prompt_len = sum(len(tokens) for tokens in request.inputs)
+    prompt = finished[0].timings.prompt_tokens if finished else prompt_len
     completion = sum(f.timings.completion_tokens for f in finished)
     decode_s = sum(f.timings.decode_ms for f in finished) / 1e3
     ttft = finished[0].timings.prompt_ms if finished else float("nan")

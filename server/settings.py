@@ -1,4 +1,5 @@
-"""Server settings: ``CODESERVE_*`` environment variables, with CLI flags applied on top."""
+"""Server settings, written once: ``CODESERVE_*`` environment variables, and the CLI flags that
+server.cli derives from these classes (a flag wins over its variable)."""
 
 from __future__ import annotations
 
@@ -36,18 +37,32 @@ def _total_memory_bytes() -> int:
 HostList = Annotated[list[str], NoDecode]
 
 
-class ServerSettings(BaseSettings):
+class StoreSettings(BaseSettings):
+    """What every subcommand needs to find models: ``pull`` and ``models`` take only these."""
+
     model_config = SettingsConfigDict(env_prefix="CODESERVE_", extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    models_file: Path = Field(
+        default_factory=_default_models_file,
+        description="the model registry (./models.toml when there is one)",
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir, description="where fetched models are kept"
+    )
+    model: str | None = Field(
+        None, description="the default model: served, or pulled, when none is named"
+    )
+
+
+class ServerSettings(StoreSettings):
+    """``codeserve serve``: each field is a ``--flag`` and a ``CODESERVE_*`` variable."""
+
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     api_key: SecretStr | None = Field(None, description="require `Authorization: Bearer KEY`")
     allow_unauthenticated_remote: bool = Field(
         False, description="bind a non-loopback address without an API key (you asked for it)"
     )
-    models_file: Path = Field(default_factory=_default_models_file)
-    cache_dir: Path = Field(default_factory=_default_cache_dir)
-    model: str | None = Field(None, description="serve this model by default (overrides the file)")
     queue_size: int = Field(64, ge=1, description="requests waiting per model before 429")
     queue_timeout_s: float = Field(
         120.0, gt=0, description="a request not started within this time fails with 503"
@@ -67,7 +82,15 @@ class ServerSettings(BaseSettings):
     prefill_chunk: int = Field(
         128, ge=16, description="prompt tokens per batched step while others are decoding"
     )
-    log_level: str = "info"
+    shutdown_drain_s: float = Field(
+        5.0,
+        ge=0,
+        description="on SIGTERM, running requests get this long to finish before they are "
+        "cancelled (each stream still ends with an error event and [DONE])",
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="uvicorn's log level"
+    )
     max_body_mb: float = Field(
         8.0, gt=0, description="request bodies larger than this are refused with 413"
     )

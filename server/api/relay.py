@@ -8,14 +8,19 @@ errors known before that first event (queue full, queue timeout) still become pr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.engine.base import Delta, Event, Finished, GenerationRequest, TokenLogprob
+from server.engine.base import Delta, Event, Finished, TokenLogprob
+from server.engine.base import Request as Request_
 from server.scheduler import ModelWorker
+
+if TYPE_CHECKING:
+    from server.manager import ModelManager
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -30,12 +35,48 @@ async def blocking(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> 
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
-async def model_worker(request: Request, name: str | None) -> ModelWorker:
-    """The worker for a request's model (loading it if needed), labelling the request with it."""
+_LEASES = "model_leases"
+
+
+async def model_worker(
+    request: Request, name: str | None, *, keep_alive: float | None = None
+) -> ModelWorker:
+    """The worker for a request's model (loading it if needed), labelling the request with it.
+
+    The model stays loaded until the response is over (``ModelLeases``); then its keep_alive,
+    or this request's ``keep_alive`` (seconds, ``server.keepalive``), starts counting.
+    """
     manager = request.app.state.manager
-    worker: ModelWorker = await manager.get(name)
+    leases: list[tuple[ModelWorker, float | None]] | None = getattr(request.state, _LEASES, None)
+    worker: ModelWorker = await manager.get(name, hold=leases is not None)
+    if leases is not None:
+        leases.append((worker, keep_alive))
     request.state.model = worker.name
     return worker
+
+
+class ModelLeases:
+    """ASGI middleware: releases the models a request used once its whole response was sent.
+
+    Pure ASGI rather than a FastAPI dependency so that a streamed body (or a client that leaves
+    mid-stream) is over before the model's keep_alive starts counting.
+    """
+
+    def __init__(self, app: ASGIApp, manager: ModelManager) -> None:
+        self.app = app
+        self.manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        leases: list[tuple[ModelWorker, float | None]] = []
+        scope.setdefault("state", {})[_LEASES] = leases
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for worker, keep_alive in leases:
+                self.manager.release(worker, keep_alive)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -48,13 +89,21 @@ class ClientGone(Exception):
 
 
 async def start(
-    worker: ModelWorker, greq: GenerationRequest, request: Request, label: str
+    worker: ModelWorker, greq: Request_, request: Request, label: str
 ) -> AsyncIterator[Event]:
     """Queue the request and wait for its first event, dropping it if the client leaves first."""
     events = worker.stream(greq, label=label)
     first = asyncio.ensure_future(anext(events))
     gone = asyncio.ensure_future(_wait_disconnect(request))
-    await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # The handler itself was cancelled (server shutdown): the request must not run on.
+        gone.cancel()
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await events.aclose()
+        raise
     if not first.done():
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
@@ -63,7 +112,7 @@ async def start(
     gone.cancel()
     head = first.result()  # re-raises Overloaded / QueueTimeout / ModelUnavailable as HTTP errors
 
-    async def chained() -> AsyncIterator[Event]:
+    async def chained() -> AsyncGenerator[Event, None]:
         try:
             yield head
             async for event in events:
@@ -88,13 +137,13 @@ async def collect(events: AsyncIterator[Event], request: Request, n: int) -> lis
 
     async def consume() -> None:
         async for ev in events:
-            c = choices[ev.index]
             if isinstance(ev, Delta):
+                c = choices[ev.index]
                 c.text += ev.text
                 c.token_ids.extend(ev.token_ids)
                 c.logprobs.extend(ev.logprobs)
-            else:
-                c.finish = ev
+            elif isinstance(ev, Finished):
+                choices[ev.index].finish = ev
 
     task = asyncio.ensure_future(consume())
     gone = asyncio.ensure_future(_wait_disconnect(request))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from server.engine.base import ModelInfo
+from server.engine.base import Engine, ModelInfo
 from server.errors import InvalidRequest
 
 
@@ -25,3 +25,9 @@ def render_chat(info: ModelInfo, messages: list[dict]) -> tuple[str, bool]:
             f"the model's chat template rejected the messages: {e}", param="messages"
         ) from e
     return text, bool(info.bos_token) and text.startswith(info.bos_token)
+
+
+def chat_prompt(engine: Engine, messages: list[dict]) -> list[int]:
+    """Token ids of chat messages rendered with the model's template (BOS added once)."""
+    text, has_bos = render_chat(engine.info, messages)
+    return engine.tokenize(text, add_bos=not has_bos)

@@ -18,10 +18,12 @@ def fim_prompt(
     extra: Sequence[ExtraFile] = (),
     filename: str | None = None,
     suffix_param: str = "suffix",
+    n_ctx: int | None = None,
 ) -> list[int]:
     """Token ids for a fill-in-the-middle request (``prefix`` before the cursor, ``suffix`` after).
 
-    ``suffix_param`` names the request field in the 400 a model without FIM tokens answers.
+    ``suffix_param`` names the request field in the 400 a model without FIM tokens answers;
+    ``n_ctx`` narrows the context the prompt must fit (a client's smaller window).
     """
     fim = engine.info.fim
     if fim is None:
@@ -30,7 +32,7 @@ def fim_prompt(
             "use a code model (e.g. qwen2.5-coder-1.5b) or send a prompt without suffix",
             param=suffix_param,
         )
-    n_ctx = engine.info.n_ctx
+    n_ctx = min(n_ctx or engine.info.n_ctx, engine.info.n_ctx)
     reserve = min(max_tokens if max_tokens is not None else n_ctx // 4, n_ctx // 2)
     return build_fim_prompt(
         fim,

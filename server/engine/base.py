@@ -10,11 +10,16 @@ stop string, so deltas concatenate to the final text exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from server.engine.fim import FimTokens
+
+if TYPE_CHECKING:
+    from server.registry import ModelConfig
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -22,14 +27,22 @@ FinishReason = Literal["stop", "length", "cancelled"]
 KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def ggml_kv_type(kv_cache: str) -> int:
     """llama.cpp's GGML_TYPE_* for a `kv_cache` setting ("f16", "q8_0", "q4_0")."""
     import llama_cpp
 
-    return getattr(llama_cpp, f"GGML_TYPE_{kv_cache.upper()}")
+    return int(getattr(llama_cpp, f"GGML_TYPE_{kv_cache.upper()}"))
 
 
-def open_llama(path, cfg, *, n_ctx: int, threads: int):
+def open_llama(path: Path, cfg: ModelConfig, *, n_ctx: int, threads: int) -> Any:
     """A ``llama_cpp.Llama`` for a GGUF with a model's settings (ValueError if it cannot load)."""
     import llama_cpp
 
@@ -181,6 +194,7 @@ class Engine(Protocol):
     # Requests the engine serves at once; the scheduler admits up to this many and queues the
     # rest. The simple engine serves one, the batched engine one per slot.
     capacity: int
+    kv_cells: int  # KV cache cells of all its sequences together
 
     def submit(self, request: Request, sink: EventSink) -> Handle:
         """Start a request; events go to ``sink`` from the engine's thread, ``End`` last.

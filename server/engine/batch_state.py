@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from server.engine.base import Finished, GenerationRequest
+from server.engine.base import End, Event, EventSink, GenerationRequest
 from server.engine.text import TextReleaser
 
 
@@ -24,7 +24,7 @@ class Choice:
     group: Group
     index: int
     slot: Slot
-    sampler: object
+    sampler: Any  # llama_sampler_p, freed when the choice finishes
     releaser: TextReleaser
     state: str = "prefill"  # prefill (waiting for the prompt) → eval_last → decode → done
     last: int = -1  # token to feed next step
@@ -38,9 +38,8 @@ class Group:
 
     req: GenerationRequest
     cancelled: Callable[[], bool]
-    emit: Callable[[object], None]
-    done: threading.Event = field(default_factory=threading.Event)
-    finished_sent: int = 0
+    emit: EventSink
+    ended: bool = False
     t0: float = field(default_factory=time.perf_counter)
     base_seed: int = 0
     next_index: int = 0
@@ -54,8 +53,11 @@ class Group:
     def remaining(self) -> int:
         return self.req.n - self.next_index
 
-    def send(self, item: object) -> None:
-        self.emit(item)
-        self.finished_sent += isinstance(item, Finished)
-        if isinstance(item, BaseException) or self.finished_sent >= self.req.n:
-            self.done.set()
+    def send(self, event: Event) -> None:
+        self.emit(event)
+
+    def end(self, error: BaseException | None) -> None:
+        """The request's last event: sent once, whether it finished, was cancelled or failed."""
+        if not self.ended:
+            self.ended = True
+            self.emit(End(error))

@@ -7,41 +7,39 @@ prompts are evaluated in chunks within a per-step token budget, so a long prompt
 others' decoding. `n` choices share one evaluation of the prompt: its KV cache is copied to each
 choice's sequence, which then samples with its own seed.
 
-One decode-loop thread owns the context; `serve()` calls (one per worker thread, up to `slots` at
-once) hand their request to it and it emits their events itself (`generate()` reads them back from
-a queue instead). A slot keeps its KV cache after its request, for the next one sharing a prefix,
-as long as it is among the RETAINED most recently used idle slots.
+One decode-loop thread owns the context; `submit()` hands it a request and it emits the request's
+events itself, straight from the loop (no thread per request: on 2 cores each thread woken per
+token steals time from llama.cpp's spinning threads). A slot keeps its KV cache after its request,
+for the next one sharing a prefix, as long as it is among the RETAINED most recently used idle
+slots.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
-import numpy as np
 
 from server.engine.base import (
     Delta,
-    Event,
+    EmbeddingRequest,
+    EventSink,
     Finished,
     FinishReason,
-    GenerationRequest,
+    Request,
     Timings,
     TokenLogprob,
+    available_cores,
     ggml_kv_type,
 )
 from server.engine.batch_state import Choice, Group, Slot
-from server.engine.llama import LlamaEngine, _available_cores
+from server.engine.binding import BatchContext
+from server.engine.model import Model
 from server.engine.sampling import common_prefix, logprob_entry, sampler_chain
 from server.engine.text import TextReleaser
-from server.errors import ModelUnavailable
-from server.registry import ModelConfig
+from server.errors import InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +47,27 @@ log = logging.getLogger(__name__)
 RETAINED = 2
 
 
-class BatchedEngine:
-    def __init__(self, path: Path, cfg: ModelConfig, slots: int = 8, prefill_chunk: int = 128):
-        import llama_cpp
-        from llama_cpp import _internals
+class _Cancel:
+    """The handle of a submitted request: cancelling sets a flag the decode loop reads each step."""
 
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+        self.is_set = self._flag.is_set
+
+    def cancel(self) -> None:
+        self._flag.set()
+
+
+class BatchedEngine:
+    def __init__(self, model: Model, slots: int = 8, prefill_chunk: int = 128):
+        import llama_cpp
+
+        cfg = model.cfg
         self._lib = llama_cpp
-        # The simple engine, with a token-sized context, lends its loaded weights, vocabulary,
-        # chat template and FIM detection; the batched context below is the one that runs.
-        self._vocab_engine = LlamaEngine(path, cfg.model_copy(update={"n_ctx": 64}))
-        llm = self._vocab_engine.llm
-        self.slots = slots
+        self.model = model
+        self.capacity = slots
         self._prefill_chunk = prefill_chunk
-        threads = cfg.n_threads or _available_cores()
+        threads = cfg.n_threads or available_cores()
         kv_type = ggml_kv_type(cfg.kv_cache)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = cfg.n_ctx * slots  # each sequence gets its own n_ctx cells
@@ -69,8 +75,7 @@ class BatchedEngine:
         params.n_seq_max = slots
         # One KV buffer for all sequences. Per-sequence streams would keep attention from scanning
         # the others' cells, but measured on SmolLM2 F16 (2 cores) their steps cost ~1.5x as much
-        # once slots are reused and whenever fewer than all slots decode: 8 streams reached 141
-        # tokens/s with streams vs 197 unified (llama-server: 227).
+        # once slots are reused and whenever fewer than all slots decode (bench/results/).
         params.kv_unified = True
         params.n_threads = params.n_threads_batch = threads
         params.type_k = params.type_v = kv_type
@@ -80,22 +85,18 @@ class BatchedEngine:
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         try:
-            self._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+            self._ctx = BatchContext(model.weights, params, params.n_batch)
         except ValueError as e:
             raise ModelUnavailable(
                 f"model {cfg.name!r}: llama.cpp could not create a {slots}-sequence context of "
                 f"{cfg.n_ctx} tokens each: {e}"
             ) from e
-        self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
         self._n_batch = params.n_batch
-        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
-        self._n_vocab = llm.n_vocab()
-        per_token = self._vocab_engine.info.kv_cache_bytes / llm.n_ctx()
+        self._n_vocab = model.n_vocab
         self.info = dataclasses.replace(
-            self._vocab_engine.info,
-            n_ctx=cfg.n_ctx,  # per sequence: what one request may use
-            kv_cache_bytes=int(per_token * cfg.n_ctx * slots),
+            model.info, kv_cache_bytes=int(model.kv_bytes_per_token * cfg.n_ctx * slots)
         )
+        self.kv_cells = cfg.n_ctx * slots
         self._slots = [Slot(i) for i in range(slots)]
         self._incoming: list[Group] = []
         self._groups: list[Group] = []
@@ -117,57 +118,48 @@ class BatchedEngine:
                 cfg.name,
             )
 
-    # -- the vocabulary is the simple engine's --------------------------------------------------
+    # -- the vocabulary is the model's ----------------------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
-        return self._vocab_engine.tokenize(text, add_bos=add_bos, special=special)
+        return self.model.tokenize(text, add_bos=add_bos, special=special)
 
     def detokenize(self, tokens: list[int]) -> str:
-        return self._vocab_engine.detokenize(tokens)
+        return self.model.detokenize(tokens)
 
     def kv_tokens(self) -> int:
         return sum(len(s.tokens) for s in self._slots)
 
     # -- requests -----------------------------------------------------------------------------
 
-    def generate(self, req: GenerationRequest, cancelled: Callable[[], bool]) -> Iterator[Event]:
-        events: queue.Queue = queue.Queue()
-        self._enqueue(req, cancelled, events.put)
-        done = 0
-        while done < req.n:
-            item = events.get()
-            if isinstance(item, BaseException):
-                raise item
-            if isinstance(item, Finished):
-                done += 1
-            yield item
-
-    def serve(
-        self, req: GenerationRequest, cancelled: Callable[[], bool], emit: Callable[[object], None]
-    ) -> None:
-        """generate() without the hand-off: the decode loop calls `emit` with each event (or an
-        exception) itself, and this returns once every choice has finished. On 2 cores each
-        thread woken per token steals time from llama.cpp's spinning threads (measured
-        in-process: 8 streams read through worker threads took 10-25% longer than the engine
-        alone)."""
-        self._enqueue(req, cancelled, emit).done.wait()
-
-    def _enqueue(self, req: GenerationRequest, cancelled, emit) -> Group:
-        seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(31)
-        group = Group(req, cancelled, emit, base_seed=seed)
+    def submit(self, request: Request, sink: EventSink) -> _Cancel:
+        if isinstance(request, EmbeddingRequest):
+            raise InvalidRequest(
+                f"model {self.model.cfg.name!r} generates text; it has no embeddings",
+                param="model",
+            )
+        # Built once here so a grammar that does not parse is the caller's 400, not a failed step.
+        self._lib.llama_sampler_free(sampler_chain(request, 0, self.model))
+        handle = _Cancel()
+        seed = (
+            request.sampling.seed if request.sampling.seed is not None else random.getrandbits(31)
+        )
+        group = Group(request, handle.is_set, sink, base_seed=seed)
         with self._wake:
+            if self._closed:
+                raise ModelUnavailable(f"model {self.model.cfg.name!r} is being unloaded")
             self._incoming.append(group)
             self._wake.notify()
-        return group
+        return handle
 
     def close(self) -> None:
         with self._wake:
             self._closed = True
             self._wake.notify()
         self._thread.join()
-        self._lib.llama_batch_free(self._batch)
+        for g in self._incoming + self._groups:  # nobody is left waiting for an End
+            g.end(ModelUnavailable(f"model {self.model.cfg.name!r} was unloaded"))
         self._ctx.close()
-        self._vocab_engine.close()
+        self.model.close()
 
     # -- the decode loop ----------------------------------------------------------------------
 
@@ -184,8 +176,12 @@ class BatchedEngine:
             except Exception as e:  # a failed decode fails the requests in it, not the server
                 log.exception("batched decode step failed")
                 for g in self._groups:
-                    g.send(e)
+                    for c in g.choices:
+                        if c.state != "done":
+                            self._lib.llama_sampler_free(c.sampler)
+                            c.state = "done"
                     self._release(g)
+                    g.end(e)
                 self._groups = []
 
     def _free_slots(self) -> list[Slot]:
@@ -207,17 +203,19 @@ class BatchedEngine:
         # Keep at least one prompt token to evaluate: its logits start every choice. A seeded
         # request starts cold for reproducible text (logits depend on how a prompt was batched).
         keep = 0 if cold else min(common_prefix(primary.tokens, prompt), len(prompt) - 1)
-        self._lib.llama_memory_seq_rm(self._mem, primary.seq_id, keep, -1)
+        self._ctx.seq_rm(primary.seq_id, keep, -1)
         primary.tokens = primary.tokens[:keep]
         primary.busy = True
         g.primary, g.cached, g.pending = primary, keep, prompt[keep:]
         if g.req.max_tokens <= 0:
-            for _ in range(g.req.n):
-                self._finish_now(g, "length")
+            # A warm-up (llama-server's n_predict 0): evaluate the prompt into the cache, then
+            # finish every choice without sampling (see _prompt_ready).
+            self._new_choice(g, primary, state="prefill")
+            self._forget_idle()
             return
         # Further choices take the slots idle longest, sparing the recent caches worth keeping.
         spare = sorted((s for s in free if s is not primary), key=lambda s: s.released)
-        extra = spare[: min(g.req.n, self.slots) - 1]
+        extra = spare[: min(g.req.n, self.capacity) - 1]
         for slot in [primary, *extra]:
             slot.busy = True
             self._new_choice(g, slot, state="prefill")
@@ -235,7 +233,7 @@ class BatchedEngine:
             (s for s in self._slots if not s.busy and s.tokens), key=lambda s: -s.released
         )
         for slot in idle[RETAINED:]:
-            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            self._ctx.seq_rm(slot.seq_id, -1, -1)
             slot.tokens = []
 
     def _new_choice(self, g: Group, slot: Slot, state: str) -> None:
@@ -245,7 +243,7 @@ class BatchedEngine:
                 g,
                 g.next_index,
                 slot,
-                sampler_chain(g.req.sampling, seed, self._n_vocab),
+                sampler_chain(g.req, seed, self.model),
                 TextReleaser(g.req.stop),
                 state=state,
             )
@@ -259,7 +257,7 @@ class BatchedEngine:
 
     def _step(self) -> None:
         entries: list[tuple[int, int, int, bool]] = []  # token, pos, seq, wants logits
-        owners: list[tuple[int, object]] = []  # batch index → choice, or group (prompt done)
+        owners: list[tuple[int, Choice | Group]] = []  # batch index → choice, or group
         # Checked every step: a client that left costs at most one token. Its group retires below.
         live = [g for g in self._groups if not g.cancelled()]
         for g in live:
@@ -278,6 +276,7 @@ class BatchedEngine:
             if not g.pending or budget <= 0:
                 continue
             chunk, g.pending = g.pending[:budget], g.pending[budget:]
+            assert g.primary is not None  # set when the group started
             pos = len(g.primary.tokens)
             for i, t in enumerate(chunk):
                 last = not g.pending and i == len(chunk) - 1
@@ -287,7 +286,7 @@ class BatchedEngine:
             g.primary.tokens.extend(chunk)
             budget -= len(chunk)
         if entries:
-            self._decode(entries)
+            self._ctx.decode(entries)
             for i, owner in owners:
                 if isinstance(owner, Group):
                     self._prompt_ready(owner, i)
@@ -299,22 +298,19 @@ class BatchedEngine:
                     self._sample(owner, i)
         self._retire()
 
-    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
-        b = self._batch
-        b.n_tokens = len(entries)
-        for i, (tok, pos, seq, logits) in enumerate(entries):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
-            b.seq_id[i][0] = seq
-        rc = self._lib.llama_decode(self._ctx.ctx, b)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-
     def _prompt_ready(self, g: Group, index: int) -> None:
         """The prompt is in the primary's KV cache: copy it to the other choices and sample."""
+        assert g.primary is not None
+        if g.req.max_tokens <= 0:  # a warm-up: the cache is filled, nothing to generate
+            while g.remaining > 0:
+                self._finish_now(g, "length")
+            for c in g.choices:
+                self._finish(c, "length")
+            return
         for c in g.choices:
             if c.slot is not g.primary:
-                self._lib.llama_memory_seq_rm(self._mem, c.slot.seq_id, -1, -1)
-                self._lib.llama_memory_seq_cp(self._mem, g.primary.seq_id, c.slot.seq_id, -1, -1)
+                self._ctx.seq_rm(c.slot.seq_id, -1, -1)
+                self._ctx.seq_cp(g.primary.seq_id, c.slot.seq_id)
                 c.slot.tokens = list(g.primary.tokens)
             self._sample(c, index)
 
@@ -322,14 +318,14 @@ class BatchedEngine:
         g, req = c.group, c.group.req
         if c.t_first is None:
             c.t_first = time.perf_counter()
-        token = self._lib.llama_sampler_sample(c.sampler, self._ctx.ctx, index)
+        token = self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index)
         c.state = "decode"
-        if self._lib.llama_vocab_is_eog(self._vocab_engine._vocab, token):
+        if self.model.is_eog(token):
             return self._finish(c, "stop")
         c.completion += 1
         c.last = token
         lp = self._logprob(index, token, req.logprobs) if req.logprobs is not None else None
-        out = c.releaser.push(token, self._vocab_engine.piece(token), lp)
+        out = c.releaser.push(token, self.model.piece(token), lp)
         if out:
             g.send(Delta(c.index, out.text, tuple(out.token_ids), tuple(out.logprobs)))
         if c.releaser.stopped:
@@ -340,9 +336,7 @@ class BatchedEngine:
             self._finish(c, "length")
 
     def _logprob(self, index: int, token: int, top_n: int) -> TokenLogprob:
-        row = np.ctypeslib.as_array(
-            self._lib.llama_get_logits_ith(self._ctx.ctx, index), shape=(self._n_vocab,)
-        )
+        row = self._ctx.logits(index, self._n_vocab)
         return logprob_entry(row, token, top_n, self.detokenize)
 
     def _finish(self, c: Choice, reason: FinishReason) -> None:
@@ -372,7 +366,7 @@ class BatchedEngine:
         if g.remaining > 0 and reason != "cancelled" and not g.cancelled():
             # More choices than slots: this slot goes back to the prompt for the next one.
             prompt_len = len(g.req.prompt)
-            self._lib.llama_memory_seq_rm(self._mem, c.slot.seq_id, prompt_len - 1, -1)
+            self._ctx.seq_rm(c.slot.seq_id, prompt_len - 1, -1)
             c.slot.tokens = c.slot.tokens[: prompt_len - 1]
             self._new_choice(g, c.slot, state="eval_last")
 
@@ -387,6 +381,7 @@ class BatchedEngine:
                 self._finish_now(g, "cancelled")
             self._release(g)
             self._groups.remove(g)
+            g.end(None)
 
     def _release(self, g: Group) -> None:
         now = time.perf_counter()

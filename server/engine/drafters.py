@@ -13,10 +13,11 @@ import bisect
 import hashlib
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
+from server.engine import binding
 from server.engine.base import open_llama
+from server.engine.model import Model
 from server.errors import ModelUnavailable
 from server.registry import ModelConfig
 
@@ -107,11 +108,11 @@ class PromptLookup:
         return self._tokens[start : start + k]
 
 
-def vocab_fingerprint(llm) -> tuple[int, str]:
+def vocab_fingerprint(llm: Any) -> tuple[int, str]:
     """(vocabulary size, sha256 over every token's text and the BOS/EOS ids)."""
     import llama_cpp
 
-    vocab = llm._model.vocab
+    vocab = binding.vocab_ptr(binding.weights_of(llm))
     n = llama_cpp.llama_vocab_n_tokens(vocab)
     h = hashlib.sha256()
     for t in range(n):
@@ -121,7 +122,9 @@ def vocab_fingerprint(llm) -> tuple[int, str]:
     return n, h.hexdigest()
 
 
-def check_same_vocabulary(target_name: str, target_llm, draft_name: str, draft_path: Path) -> None:
+def check_same_vocabulary(
+    target_name: str, target_llm: Any, draft_name: str, draft_path: Path
+) -> None:
     """Refuse a draft whose tokens mean something else: its proposals would be nonsense."""
     import llama_cpp
 
@@ -151,9 +154,10 @@ class DraftModel:
 
     name = "draft"
 
-    def __init__(self, llm, cfg: ModelConfig):
+    def __init__(self, llm: Any, model: Model):
         self.llm = llm
-        self.cfg = cfg
+        self.model = model
+        self.cfg = model.cfg
         self._n_vocab = llm.n_vocab()
         self._synced = 0  # tokens known to match the current request's history
         self.steps = 0  # tokens decoded alone (the cost model's draft steps)
@@ -168,7 +172,7 @@ class DraftModel:
             raise ModelUnavailable(
                 f"draft model {cfg.name!r}: llama.cpp could not load {path}: {e}"
             ) from e
-        return cls(llm, cfg)
+        return cls(llm, Model.of_llama(llm, path, cfg.model_copy(update={"n_ctx": n_ctx})))
 
     @staticmethod
     def prior(_key: Hashable) -> float:
@@ -201,7 +205,7 @@ class DraftModel:
         self._sync(history)
         llm, out = self.llm, []
         for i in range(k):
-            row = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(self._n_vocab,))
+            row = binding.llama_logits_row(llm, -1, self._n_vocab)
             out.append(int(row.argmax()))
             if i < k - 1:  # the last proposal needs no logits of its own
                 llm.eval(out[-1:])
@@ -216,7 +220,7 @@ class DraftModel:
             base = llm.n_tokens
             llm.eval([max(llm.token_bos(), 0)] * n)
             llm.n_tokens = base
-            llm._ctx.kv_cache_seq_rm(-1, base, -1)
+            binding.llama_seq_rm(llm, base)
             self._synced = min(self._synced, base)
             return n
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from server.engine.base import Engine
 from server.registry import ModelConfig
+
+log = logging.getLogger(__name__)
 
 EngineChoice = Literal["auto", "simple", "batched"]
 
@@ -20,12 +23,30 @@ def uses_batched(choice: EngineChoice, cfg: ModelConfig) -> bool:
     return choice == "batched"
 
 
-def make_engine_factory(choice: EngineChoice, slots: int, prefill_chunk: int):
-    def make(path: Path, cfg: ModelConfig, **kwargs) -> Engine:
+def make_engine_factory(choice: EngineChoice, slots: int, prefill_chunk: int) -> Any:
+    def make(path: Path, cfg: ModelConfig, **kwargs: Any) -> Engine:
         if uses_batched(choice, cfg):
-            from server.engine.batched import BatchedEngine
+            import llama_cpp
 
-            return BatchedEngine(path, cfg, slots=slots, prefill_chunk=prefill_chunk)
+            from server.engine.batched import BatchedEngine
+            from server.engine.devices import list_devices, report_load
+            from server.engine.model import Model
+
+            before = list_devices()
+            model = Model.load(path, cfg)
+            try:
+                engine = BatchedEngine(model, slots=slots, prefill_chunk=prefill_chunk)
+            except BaseException:
+                model.close()
+                raise
+            report_load(
+                cfg.name,
+                before,
+                cfg.n_gpu_layers,
+                model.n_layer,
+                llama_cpp.llama_supports_gpu_offload(),
+            )
+            return engine
         from server.engine.llama import LlamaEngine
 
         return LlamaEngine(path, cfg, **kwargs)

@@ -81,10 +81,12 @@ def _family_of(vocab: Vocab, prefix_id: int) -> str:
 
 
 def detect_fim(vocab: Vocab, override: str | None, model: str) -> FimTokens | None:
+    fam: FimFamily | None
     if override is not None:
         fam = FAMILIES[override]
-        ids = [vocab.find(t) for t in (fam.prefix, fam.suffix, fam.middle)]
-        if None in ids:
+        found = [vocab.find(t) for t in (fam.prefix, fam.suffix, fam.middle)]
+        ids = [i for i in found if i is not None]
+        if len(ids) < 3:
             raise ModelUnavailable(
                 f'model {model!r}: fim = "{override}" in models.toml, but its vocabulary has no '
                 f"{fam.prefix} / {fam.suffix} / {fam.middle} tokens"

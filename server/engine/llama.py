@@ -9,34 +9,42 @@ draft model loaded alongside.
 
 from __future__ import annotations
 
-import ctypes
+import dataclasses
 import logging
-import os
+import queue
 import random
+import threading
 import time
-from collections.abc import Callable, Iterator
-from functools import lru_cache
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
+import llama_cpp
 import numpy as np
+from llama_cpp.llama import LogitsProcessorList
+from llama_cpp.llama_grammar import LlamaGrammar
 
+from server.engine import binding
 from server.engine.base import (
-    KV_BYTES_PER_ELEMENT,
     Delta,
+    EmbeddingRequest,
+    End,
     Event,
+    EventSink,
     Finished,
     FinishReason,
     GenerationRequest,
-    ModelInfo,
+    Request,
     SamplingParams,
     Timings,
     TokenLogprob,
+    available_cores,
     open_llama,
 )
 from server.engine.devices import list_devices, report_load
 from server.engine.drafters import DraftModel, check_same_vocabulary
-from server.engine.fim import detect_fim
-from server.engine.sampling import common_prefix, logprob_entry
+from server.engine.model import Model
+from server.engine.sampling import common_prefix, logprob_entry, sampler_chain
 from server.engine.speculative import RunStats, SpeculativeDecoder, Step
 from server.engine.text import TextReleaser
 from server.errors import InvalidRequest, ModelUnavailable
@@ -45,25 +53,27 @@ from server.registry import ModelConfig
 log = logging.getLogger(__name__)
 
 
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+class _Cancel:
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+        self.is_set = self._flag.is_set
+
+    def cancel(self) -> None:
+        self._flag.set()
 
 
 class LlamaEngine:
-    slots = 1
+    """One sequence at a time on a ``Llama``'s own context, on one thread of its own."""
+
+    capacity = 1
 
     def __init__(
         self, path: Path, cfg: ModelConfig, *, draft: tuple[Path, ModelConfig] | None = None
     ):
-        import llama_cpp
-
         self._lib = llama_cpp
         self.cfg = cfg
         _log_flash_attn(cfg)
-        threads = cfg.n_threads or _available_cores()
+        threads = cfg.n_threads or available_cores()
         devices_before = list_devices()
         try:
             self.llm = open_llama(path, cfg, n_ctx=cfg.n_ctx, threads=threads)
@@ -73,6 +83,7 @@ class LlamaEngine:
                 f"kv_cache={cfg.kv_cache} flash_attn={cfg.flash_attn} "
                 f"n_gpu_layers={cfg.n_gpu_layers}: {e}"
             ) from e
+        self.model = Model.of_llama(self.llm, path, cfg)
         try:
             self._draft = self._load_draft(draft, threads) if draft else None
         except BaseException:
@@ -80,32 +91,26 @@ class LlamaEngine:
             raise
         self._spec = SpeculativeDecoder(cfg.name, self.llm, self._draft)
         self.last_run = RunStats()
-        model = self.llm._model
-        self._vocab = model.vocab
-        self._n_vocab = self.llm.n_vocab()
-        bos, eos = self.llm.token_bos(), self.llm.token_eos()
-        self._add_bos = model.add_bos_token()
-        self.info = ModelInfo(
-            n_ctx=self.llm.n_ctx(),
-            n_vocab=self._n_vocab,
-            chat_template=cfg.chat_template or self.llm.metadata.get("tokenizer.chat_template"),
-            bos_token=model.token_get_text(bos) if bos != -1 else "",
-            eos_token=model.token_get_text(eos) if eos != -1 else "",
-            # A draft model is part of this one: its file and cache count towards its memory.
-            size_bytes=path.stat().st_size + (draft[0].stat().st_size if draft else 0),
-            kv_cache_bytes=self._kv_cache_bytes(self.llm, cfg.kv_cache)
-            + (self._kv_cache_bytes(self._draft.llm, self._draft.cfg.kv_cache) if draft else 0),
-            bos_id=bos if self._add_bos and bos != -1 else None,
-            fim=detect_fim(LlamaVocab(self.llm), cfg.fim, cfg.name),
+        self._n_vocab = self.model.n_vocab
+        # A draft model is part of this one: its file and cache count towards its memory.
+        self.info = dataclasses.replace(
+            self.model.info,
+            size_bytes=self.model.info.size_bytes + (draft[0].stat().st_size if draft else 0),
+            kv_cache_bytes=self.model.info.kv_cache_bytes
+            + (self._draft.model.info.kv_cache_bytes if self._draft else 0),
         )
-        self.piece = lru_cache(maxsize=None)(self._piece)
+        self.kv_cells = cfg.n_ctx
+        self.piece = self.model.piece
         self.placement = report_load(
             cfg.name,
             devices_before,
             cfg.n_gpu_layers,
-            llama_cpp.llama_model_n_layer(self.llm.model),
+            self.model.n_layer,
             llama_cpp.llama_supports_gpu_offload(),
         )
+        self._jobs: queue.Queue[tuple[GenerationRequest, EventSink, _Cancel] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"decode-{cfg.name}", daemon=True)
+        self._thread.start()
         log.info(
             "loaded %s: n_ctx=%d vocab=%d threads=%d kv=%s flash_attn=%s gpu_layers=%d fim=%s "
             "speculative=%s draft=%s",
@@ -121,47 +126,45 @@ class LlamaEngine:
             self._draft.cfg.name if self._draft else "none",
         )
 
+    def submit(self, request: Request, sink: EventSink) -> _Cancel:
+        if isinstance(request, EmbeddingRequest):
+            raise InvalidRequest(
+                f"model {self.cfg.name!r} generates text; it has no embeddings", param="model"
+            )
+        self._speculation(request)  # a bad speculation setting is the caller's 400
+        # Parsed once here so a grammar that does not parse is the caller's 400.
+        self._lib.llama_sampler_free(sampler_chain(request, 0, self.model))
+        handle = _Cancel()
+        self._jobs.put((request, sink, handle))
+        return handle
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            request, sink, handle = job
+            try:
+                for event in self.generate(request, handle.is_set):
+                    sink(event)
+            except Exception as e:
+                log.exception("generation failed on model %s", self.cfg.name)
+                sink(End(e))
+            else:
+                sink(End(None))
+
     def _load_draft(self, draft: tuple[Path, ModelConfig], threads: int) -> DraftModel:
         path, dcfg = draft
         check_same_vocabulary(self.cfg.name, self.llm, dcfg.name, path)
         return DraftModel.load(path, dcfg, self.llm.n_ctx(), threads)
 
-    @staticmethod
-    def _kv_cache_bytes(llm, kv_cache: str) -> int:
-        import llama_cpp as lib
-
-        model, meta = llm.model, llm.metadata
-        arch = meta.get("general.architecture", "")
-        n_head = lib.llama_model_n_head(model)
-        head_dim = lib.llama_model_n_embd(model) // max(n_head, 1)
-        k_dim = int(meta.get(f"{arch}.attention.key_length", head_dim))
-        v_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
-        per_token = (
-            lib.llama_model_n_layer(model) * lib.llama_model_n_head_kv(model) * (k_dim + v_dim)
-        )
-        return int(per_token * llm.n_ctx() * KV_BYTES_PER_ELEMENT[kv_cache])
-
     # -- vocabulary --------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode(), add_bos=add_bos and self._add_bos, special=special)
+        return self.model.tokenize(text, add_bos=add_bos, special=special)
 
     def kv_tokens(self) -> int:
-        return self.llm.n_tokens
+        return int(self.llm.n_tokens)
 
     def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
-
-    def _piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
-
-    def _is_end_of_generation(self, token: int) -> bool:
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+        return self.model.detokenize(tokens)
 
     # -- generation --------------------------------------------------------------------------
 
@@ -189,18 +192,21 @@ class LlamaEngine:
         reason: FinishReason = "length"
         t_first = t0
         stats = self.last_run = RunStats()  # kept for benchmarks: K per pass
-        if plan is None:
+        steps: Generator[Step, None, None]
+        if req.max_tokens <= 0:  # a warm-up: evaluate the prompt into the cache, sample nothing
+            steps = self._warm_up(req)
+        elif plan is None:
             steps = self._plain_steps(req, seed)
         else:
             mode, k_max = plan
             adaptive = self.cfg.draft_adaptive
             steps = self._spec.run(req.prompt, mode, k_max, adaptive, req.max_tokens, stats)
         try:
-            for step in steps if req.max_tokens > 0 else ():
+            for step in steps:
                 token = step.token
                 if completion == 0:
                     t_first = time.perf_counter()
-                if self._is_end_of_generation(token):
+                if self.model.is_eog(token):
                     reason = "stop"
                     break
                 completion += 1
@@ -258,13 +264,39 @@ class LlamaEngine:
                 param="speculative",
             )
         # Only greedy output is verified; sampled requests decode plainly (see speculative.py).
-        if not _is_greedy(req.sampling) or not req.prompt:
+        # Constrained requests too: drafts are verified against the raw argmax, not the constraint.
+        constrained = req.grammar is not None or req.logit_bias or req.ignore_eos
+        if not _is_greedy(req.sampling) or not req.prompt or constrained:
             return None
         return mode, req.speculation.max_draft or self.cfg.draft_max
 
-    def _plain_steps(self, req: GenerationRequest, seed: int) -> Iterator[Step]:
+    def _warm_up(self, req: GenerationRequest) -> Generator[Step, None, None]:
+        gen = self.llm.generate(req.prompt, temp=0, reset=True)
+        next(gen)  # evaluates the prompt and picks a token it does not keep
+        gen.close()
+        yield from ()
+
+    def _plain_steps(self, req: GenerationRequest, seed: int) -> Generator[Step, None, None]:
         s = req.sampling
         self.llm.set_seed(seed)
+        biases = dict(req.logit_bias)
+        if req.ignore_eos:
+            biases.update((t, float("-inf")) for t in self.model.eog_tokens())
+        processors = None
+        if biases:
+            ids = np.fromiter(biases, dtype=np.int64, count=len(biases))
+            values = np.fromiter(biases.values(), dtype=np.float32, count=len(biases))
+
+            def bias(_: Any, scores: np.ndarray) -> np.ndarray:
+                scores[ids] += values
+                return scores
+
+            processors = LogitsProcessorList([bias])
+        grammar = (
+            LlamaGrammar.from_string(req.grammar, verbose=False)
+            if req.grammar is not None
+            else None
+        )
         gen = self.llm.generate(
             req.prompt,
             temp=s.temperature,
@@ -275,6 +307,8 @@ class LlamaEngine:
             frequency_penalty=s.frequency_penalty,
             presence_penalty=s.presence_penalty,
             reset=True,
+            logits_processor=processors,
+            grammar=grammar,
         )
         try:
             for token in gen:
@@ -286,10 +320,16 @@ class LlamaEngine:
         if row is None:
             # The row of the decode step that produced `token` is still in the context:
             # Llama.generate evaluates the token only after the consumer asks for the next one.
-            row = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self._n_vocab,))
+            row = binding.llama_logits_row(self.llm, -1, self._n_vocab)
         return logprob_entry(row, token, top_n, self.detokenize)
 
     def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        while not self._jobs.empty():  # nobody is left waiting for an End
+            job = self._jobs.get_nowait()
+            if job is not None:
+                job[1](End(ModelUnavailable(f"model {self.cfg.name!r} was unloaded")))
         self._spec.close()
         self.llm.close()
 
@@ -319,25 +359,3 @@ def _log_flash_attn(cfg: ModelConfig) -> None:
             "row inside a batch slightly differently from a lone token)",
             cfg.name,
         )
-
-
-class LlamaVocab:
-    """The FIM detector's view of a llama.cpp vocabulary (a full model or a vocab-only GGUF)."""
-
-    def __init__(self, llm):
-        import llama_cpp
-
-        self._llm = llm
-        self._lib = llama_cpp
-        self._vocab = llm._model.vocab
-
-    def fim_ids(self) -> tuple[int, int, int]:
-        lib, v = self._lib, self._vocab
-        return lib.llama_vocab_fim_pre(v), lib.llama_vocab_fim_suf(v), lib.llama_vocab_fim_mid(v)
-
-    def token_text(self, token: int) -> str:
-        return self._llm._model.token_get_text(token)
-
-    def find(self, text: str) -> int | None:
-        ids = self._llm.tokenize(text.encode(), add_bos=False, special=True)
-        return ids[0] if len(ids) == 1 and self.token_text(ids[0]) == text else None

@@ -2,30 +2,54 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.engine.base import SamplingParams, TokenLogprob
+from server.engine.base import GenerationRequest, TokenLogprob
+from server.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from server.engine.model import Model
 
 
-def sampler_chain(s: SamplingParams, seed: int, n_vocab: int):
-    """A llama.cpp sampler chain for one sequence, as llama-cpp-python's `Llama` builds it.
+def sampler_chain(req: GenerationRequest, seed: int, model: Model) -> Any:
+    """A llama.cpp sampler chain for one sequence of a request: its logit biases (and the ban on
+    end-of-generation tokens for ``ignore_eos``), penalties, grammar, then greedy or the sampling
+    steps ``Llama`` uses. The caller owns it and frees it with ``llama_sampler_free``.
 
-    The caller owns it and frees it with ``llama_sampler_free``.
+    Raises InvalidRequest when the grammar does not parse (llama.cpp answers NULL).
     """
     import llama_cpp
 
+    s = req.sampling
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
-    def add(sampler) -> None:
+    def add(sampler: Any) -> None:
         llama_cpp.llama_sampler_chain_add(chain, sampler)
 
+    biases = dict(req.logit_bias)
+    if req.ignore_eos:
+        biases.update((t, float("-inf")) for t in model.eog_tokens())
+    if biases:
+        arr: Any = (llama_cpp.llama_logit_bias * len(biases))()
+        for i, (token, bias) in enumerate(biases.items()):
+            arr[i].token, arr[i].bias = token, bias
+        add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(biases), arr))
     add(
         llama_cpp.llama_sampler_init_penalties(
-            n_vocab, 64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
+            model.n_vocab, 64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
         )
     )
+    if req.grammar is not None:
+        grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, req.grammar.encode(), b"root")
+        if not grammar:
+            llama_cpp.llama_sampler_free(chain)
+            raise InvalidRequest(
+                "the grammar does not parse (GBNF, root rule `root`)", param="grammar"
+            )
+        add(grammar)
     if s.temperature == 0:
         add(llama_cpp.llama_sampler_init_greedy())
     else:
@@ -55,7 +79,7 @@ def logprob_entry(
     )
 
 
-def common_prefix(a, b: list[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens two sequences share."""
     n = 0
     for x, y in zip(a, b, strict=False):

@@ -21,11 +21,13 @@ attention on for models that speculate, and calibration probes and logs which ca
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Generator, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from server.engine import binding
 from server.engine.costmodel import PLAUSIBLE_ACCEPTANCE, AdaptiveK, CostModel, calibrate
 from server.engine.drafters import DraftModel, PromptLookup, match_bucket
 
@@ -60,7 +62,7 @@ class _Proposal:
 class SpeculativeDecoder:
     """Owns the speculative state of one engine: its cost model and acceptance rates."""
 
-    def __init__(self, name: str, llm, draft: DraftModel | None = None):
+    def __init__(self, name: str, llm: Any, draft: DraftModel | None = None):
         self.name = name
         self.llm = llm
         self.draft = draft
@@ -78,14 +80,13 @@ class SpeculativeDecoder:
         sizes = tuple(n for n in (1, 2, 3, 5, 9, 17, 33) if n <= top)
         if llm.n_tokens + top >= llm.n_ctx():
             llm.reset()  # no room past the cached text: give up its reuse once
-            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            binding.llama_seq_rm(llm, 0)
         base = llm.n_tokens
         filler = max(llm.token_bos(), 0)
 
         def decode(n: int) -> None:
-            llm._batch.set_batch([filler] * n, base, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            llm._ctx.kv_cache_seq_rm(-1, base, -1)
+            binding.llama_decode(llm, [filler] * n, base)
+            binding.llama_seq_rm(llm, base)
 
         extra = {}
         if self.draft is not None:
@@ -121,14 +122,12 @@ class SpeculativeDecoder:
         tokens = [filler, *(t % self._n_vocab for t in (100, 200, 300))]
         alone = []
         for i, t in enumerate(tokens):
-            llm._batch.set_batch([t], base + i, logits_all=True)
-            llm._ctx.decode(llm._batch)
+            binding.llama_decode(llm, [t], base + i)
             alone.append(self._row(0).copy())
-        llm._ctx.kv_cache_seq_rm(-1, base, -1)
-        llm._batch.set_batch(tokens, base, logits_all=True)
-        llm._ctx.decode(llm._batch)
+        binding.llama_seq_rm(llm, base)
+        binding.llama_decode(llm, tokens, base)
         same = all(np.array_equal(a, self._row(i)) for i, a in enumerate(alone))
-        llm._ctx.kv_cache_seq_rm(-1, base, -1)
+        binding.llama_seq_rm(llm, base)
         float_cache = llm.context_params.type_k in (
             llama_cpp.GGML_TYPE_F16,
             llama_cpp.GGML_TYPE_F32,
@@ -171,7 +170,7 @@ class SpeculativeDecoder:
         adaptive: bool,
         max_new: int,
         stats: RunStats,
-    ) -> Iterator[Step]:
+    ) -> Generator[Step, None, None]:
         """Greedy tokens after ``prompt``, at most ``max_new``; stops whenever the consumer does."""
         llm = self.llm
         ctl = self.controller(mode)
@@ -252,10 +251,10 @@ class SpeculativeDecoder:
                 break
             cached += 1
         cached = min(cached, len(prompt) - 1)  # the last prompt token is evaluated for its logits
-        if not llm._ctx.kv_cache_seq_rm(-1, cached, -1):
+        if not binding.llama_seq_rm(llm, cached):
             cached = 0
             llm.reset()
-            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            binding.llama_seq_rm(llm, 0)
         llm.n_tokens = cached
         llm.eval(list(prompt[cached:]))
         return self._row(-1)
@@ -265,8 +264,7 @@ class SpeculativeDecoder:
         llm = self.llm
         n_past = llm.n_tokens
         batch = [last, *drafts]
-        llm._batch.set_batch(batch, n_past, logits_all=True)
-        llm._ctx.decode(llm._batch)
+        binding.llama_decode(llm, batch, n_past)
         out: list[tuple[int, np.ndarray]] = []
         for i in range(len(batch)):
             row = self._row(i)
@@ -278,11 +276,11 @@ class SpeculativeDecoder:
         llm.input_ids[n_past:keep] = batch[: len(out)]
         llm.n_tokens = keep
         if keep < n_past + len(batch):
-            llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+            binding.llama_seq_rm(llm, keep)
         return out
 
     def _row(self, i: int) -> np.ndarray:
-        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(i), shape=(self._n_vocab,))
+        return binding.llama_logits_row(self.llm, i, self._n_vocab)
 
     def close(self) -> None:
         if self.draft is not None:

@@ -1,1 +1,1 @@
-"""llama-server native dialect (/completion, /infill, /tokenize, ...) for llama.vscode, Continue, Tabby."""
+"""llama-server's native API (/completion, /infill, /tokenize, ...) for llama.vscode, Tabby."""

@@ -57,7 +57,7 @@ def _chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
     "/v1/chat/completions", response_model=None, responses=documented(ChatCompletionResponse)
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    worker = await relay.model_worker(request, body.model)
+    worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     prompt = await relay.blocking(render_prompt, worker.engine, body)
     wanted = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None

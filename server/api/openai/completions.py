@@ -57,7 +57,7 @@ def _fim_tokens(
 
 @router.post("/v1/completions", response_model=None, responses=documented(CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request):
-    worker = await relay.model_worker(request, body.model)
+    worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     engine = worker.engine
     if body.echo and body.logprobs is not None:
         raise Unsupported(

@@ -40,7 +40,7 @@ def _fim_tokens(engine: Engine, body: FimCompletionRequest) -> list[int]:
     "/v1/fim/completions", response_model=None, responses=documented(ChatCompletionResponse)
 )
 async def create_fim_completion(body: FimCompletionRequest, request: Request):
-    worker = await relay.model_worker(request, body.model)
+    worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     engine = worker.engine
     prompt = await relay.blocking(_fim_tokens, engine, body)
     sampling = params.sampling_params(body)

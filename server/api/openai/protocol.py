@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from server.keepalive import KeepAlive
+
 MAX_STOP = 64
 
 
@@ -121,6 +123,8 @@ class _SamplingFields(_Request):
     # codeserve extensions: speculative decoding per request (default: the model's setting).
     speculative: Literal["off", "prompt_lookup", "draft"] | None = None
     speculative_max_draft: int | None = Field(None, ge=1, le=32)
+    # codeserve extension, as Ollama's: how long the model stays loaded once idle ("5m", seconds).
+    keep_alive: KeepAlive | None = None
 
     _stop = field_validator("stop", mode="before")(_normalize_stop)
 
@@ -147,7 +151,7 @@ class CompletionRequest(_SamplingFields, _FimFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: Any) -> str | list[int]:
+    def _one_prompt(cls, v: Any) -> Any:
         # OpenAI also accepts a batch of prompts; one prompt per request is what local clients send.
         if isinstance(v, list) and v and isinstance(v[0], str | list):
             if len(v) != 1:

@@ -63,7 +63,7 @@ def _error_event(err: ApiError) -> dict[str, str]:
     return {"data": json.dumps(body.model_dump(), separators=(",", ":"))}
 
 
-def sse(chunks: AsyncIterator[dict]) -> EventSourceResponse:
+def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
     """OpenAI's stream framing: ``data: {json}`` events, then ``data: [DONE]``.
 
     Once the headers are out an error can no longer be a status code: whatever goes wrong becomes
@@ -71,7 +71,7 @@ def sse(chunks: AsyncIterator[dict]) -> EventSourceResponse:
     never see a stream cut short.
     """
 
-    async def frames() -> AsyncIterator[dict]:
+    async def frames() -> AsyncIterator[dict[str, str]]:
         try:
             async for chunk in chunks:
                 yield {"data": json.dumps(chunk, separators=(",", ":"))}

@@ -1,0 +1,157 @@
+"""The one module that touches llama-cpp-python's private internals.
+
+``llama_cpp.Llama`` hides the pieces a server needs (a weights handle without a context, a
+multi-sequence context, the batch it decodes, a logits row), so they are reached through
+``llama_cpp._internals`` and ``Llama``'s underscored members here and nowhere else: a version bump
+of llama-cpp-python is one diff in this file. Everything else uses llama.cpp's C API as
+llama-cpp-python exports it publicly (``llama_cpp.llama_*``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def load_weights(
+    path: str, *, n_gpu_layers: int, kv_overrides: dict[str, Any] | None = None
+) -> Any:
+    """Weights and vocabulary without a context (``_internals.LlamaModel``); ValueError if the
+    file cannot be loaded."""
+    import llama_cpp
+    from llama_cpp import _internals
+
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
+    keep: list[Any] = []
+    if kv_overrides:
+        params.kv_overrides = _kv_override_array(kv_overrides, keep)
+    weights = _internals.LlamaModel(path_model=path, params=params, verbose=False)
+    weights._codeserve_keep = keep  # type: ignore[attr-defined]  # must outlive the load
+    return weights
+
+
+def _kv_override_array(overrides: dict[str, Any], keep: list[Any]) -> Any:
+    """llama.cpp's --override-kv as the NULL-key-terminated array ``Llama`` builds."""
+    import llama_cpp
+
+    arr: Any = (llama_cpp.llama_model_kv_override * (len(overrides) + 1))()
+    for i, (k, v) in enumerate(overrides.items()):
+        arr[i].key = k.encode()
+        if isinstance(v, bool):
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL
+            arr[i].value.val_bool = v
+        elif isinstance(v, int):
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            arr[i].value.val_i64 = v
+        elif isinstance(v, float):
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_FLOAT
+            arr[i].value.val_f64 = v
+        elif isinstance(v, str):
+            encoded = v.encode()
+            if len(encoded) > 127:
+                raise ValueError(f"kv override {k!r}: string values are limited to 127 bytes")
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            offset: int = llama_cpp.llama_model_kv_override_value.val_str.offset  # type: ignore[attr-defined]
+            ctypes.memmove(ctypes.addressof(arr[i].value) + offset, encoded.ljust(128, b"\0"), 128)
+        else:
+            raise ValueError(f"kv override {k!r}: unsupported value {v!r}")
+    arr[len(overrides)].key = b"\0"
+    keep.append(arr)
+    return arr
+
+
+def weights_of(llm: Any) -> Any:
+    """The weights handle inside a ``llama_cpp.Llama``."""
+    return llm._model
+
+
+def model_ptr(weights: Any) -> Any:
+    return weights.model
+
+
+def vocab_ptr(weights: Any) -> Any:
+    return weights.vocab
+
+
+def metadata(weights: Any) -> dict[str, str]:
+    return dict(weights.metadata())
+
+
+def token_text(weights: Any, token: int) -> str:
+    return str(weights.token_get_text(token))
+
+
+def adds_bos(weights: Any) -> bool:
+    return bool(weights.add_bos_token())
+
+
+def tokenize(weights: Any, text: bytes, *, add_bos: bool, special: bool) -> list[int]:
+    return list(weights.tokenize(text, add_bos=add_bos, special=special))
+
+
+def close_weights(weights: Any) -> None:
+    weights.close()
+
+
+class BatchContext:
+    """A llama.cpp context that decodes many sequences in one batch (unified KV buffer)."""
+
+    def __init__(self, weights: Any, params: Any, n_batch: int):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._lib = llama_cpp
+        self._ctx = _internals.LlamaContext(model=weights, params=params, verbose=False)
+        self.ptr = self._ctx.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ptr)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._n_batch = n_batch
+
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode over (token, position, sequence, wants logits) entries."""
+        b = self._batch
+        b.n_tokens = len(entries)
+        for i, (tok, pos, seq, logits) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+        rc = self._lib.llama_decode(self.ptr, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def logits(self, index: int, n_vocab: int) -> np.ndarray:
+        return np.ctypeslib.as_array(
+            self._lib.llama_get_logits_ith(self.ptr, index), shape=(n_vocab,)
+        )
+
+    def seq_rm(self, seq: int, p0: int, p1: int) -> None:
+        self._lib.llama_memory_seq_rm(self.memory, seq, p0, p1)
+
+    def seq_cp(self, src: int, dst: int) -> None:
+        self._lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
+    def close(self) -> None:
+        self._lib.llama_batch_free(self._batch)
+        self._ctx.close()  # type: ignore[no-untyped-call]
+
+
+# -- a ``Llama``'s own context, for the simple engine and speculative decoding ------------------
+
+
+def llama_logits_row(llm: Any, index: int, n_vocab: int) -> np.ndarray:
+    """Row ``index`` (-1: the last) of the logits of the last decode of a ``Llama``."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(index), shape=(n_vocab,))
+
+
+def llama_seq_rm(llm: Any, p0: int, p1: int = -1) -> bool:
+    """Remove cells [p0, p1) of every sequence from a ``Llama``'s KV cache."""
+    return bool(llm._ctx.kv_cache_seq_rm(-1, p0, p1))
+
+
+def llama_decode(llm: Any, tokens: Sequence[int], base: int) -> None:
+    """Evaluate tokens at positions base.. in a ``Llama``'s context, logits for every row."""
+    llm._batch.set_batch(list(tokens), base, logits_all=True)
+    llm._ctx.decode(llm._batch)
