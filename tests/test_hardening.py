@@ -284,10 +284,7 @@ def test_error_after_stream_start_is_an_event_then_done(failing_server, caplog):
     assert "".join(c["choices"][0]["text"] for c in chunks if "choices" in c) == "tt"
     error = chunks[-1]["error"]
     assert error["type"] == "server_error"
-    assert (
-        error["message"]
-        == "internal error: RuntimeError: decode failed: KV cache slot 3 is corrupt"
-    )
+    assert error["message"] == "internal error: RuntimeError: llama_decode returned -1"
     assert "Traceback" not in events[-2] and "File " not in events[-2]
     logged = [r for r in caplog.records if r.name == "server.api.openai.streaming"]
     assert logged and logged[0].exc_info and logged[0].exc_info[0] is RuntimeError
@@ -383,8 +380,10 @@ def test_wrong_method_is_405_with_allow(client):
         concrete = path.replace("{name}", "some-model")
         wrong = "DELETE" if "delete" not in ops else "PATCH"
         r = client.request(wrong, concrete)
-        err = assert_error(r, 405)
-        assert err["type"] == "invalid_request_error"
+        if path.startswith("/api/"):  # Ollama's envelope
+            assert r.status_code == 405 and isinstance(r.json()["error"], str), r.text
+        else:
+            assert assert_error(r, 405)["type"] == "invalid_request_error"
         allowed = {m.strip() for m in r.headers["allow"].split(",")}
         assert {m.upper() for m in ops} <= allowed, (path, allowed)
 
@@ -398,9 +397,10 @@ def test_openapi_documents_400_envelopes_and_no_422(client):
         for method, op in ops.items():
             responses = op["responses"]
             assert "422" not in responses, (method, path)
+            envelope = "OllamaError" if path.startswith("/api/") else "ErrorResponse"
             for status in ("400", "default"):
                 ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
-                assert ref == "#/components/schemas/ErrorResponse", (method, path, status)
+                assert ref == f"#/components/schemas/{envelope}", (method, path, status)
     stream = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
     assert {"application/json", "text/event-stream"} <= set(stream)
 

@@ -21,20 +21,38 @@ MAX_EXAMPLES = 25
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
 
 
+def _safe_model(value: object, server: LiveServer) -> object:
+    """A registered model that is not resident would be fetched (a download): use the default."""
+    manager = server.app.state.manager
+    if isinstance(value, str) and manager.registry.get(value) and not manager.is_loaded(value):
+        return manager.default_model
+    return value
+
+
 def _bounded(case, server: LiveServer) -> None:
     """Keep an example cheap: a few tokens, a couple of choices, no model downloads."""
+    if isinstance(case.path_parameters, dict) and "name" in case.path_parameters:
+        case.path_parameters["name"] = _safe_model(case.path_parameters["name"], server)
     body = case.body
     if not isinstance(body, dict):
         return
+    for key in ("model", "name"):
+        if key in body:
+            body[key] = _safe_model(body[key], server)
     for key in TOKEN_FIELDS:
         if type(body.get(key)) is int and body[key] > 4:
             body[key] = 4
     if type(body.get("n")) is int and body["n"] > 2:
         body["n"] = 2
-    manager = server.app.state.manager
-    model = body.get("model")
-    if isinstance(model, str) and manager.registry.get(model) and not manager.is_loaded(model):
-        body["model"] = manager.default_model
+    if case.path.startswith("/api/"):  # Ollama: the budget is options.num_predict
+        if body.get("options") is None:
+            body["options"] = {}
+        options = body["options"]
+        if isinstance(options, dict):
+            predict = options.get("num_predict")
+            if not (type(predict) is int and 0 <= predict <= 4):
+                options["num_predict"] = 4
+        return
     # A time budget too: without max_tokens a valid request may ask for the whole context.
     budget = body.get("t_max_predict_ms")
     if budget is None or (type(budget) is int and budget > 2000):

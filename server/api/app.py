@@ -74,7 +74,7 @@ def create_app(
         app, default=openai_errors.render, by_prefix=[("/api/", ollama_errors.render)]
     )
     # ... and (path prefix, error envelope model) pairs here, for the OpenAPI document.
-    errors.document(app, default=ErrorResponse, by_prefix=[("/api/", ollama_errors.ErrorResponse)])
+    errors.document(app, default=ErrorResponse, by_prefix=[("/api/", ollama_errors.OllamaError)])
     app.add_middleware(relay.ModelLeases, manager=manager)
     v1 = [Depends(auth.require_api_key)]
 

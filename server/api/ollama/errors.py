@@ -8,8 +8,8 @@ from pydantic import BaseModel
 from server.api.errors import ApiError
 
 
-class ErrorResponse(BaseModel):
-    """For the OpenAPI document."""
+class OllamaError(BaseModel):
+    """Ollama's error envelope, for the OpenAPI document."""
 
     error: str
 
