@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from bench import client
 from bench.harness import codeserve, summary, target
 
 
@@ -40,34 +41,28 @@ def ttft(url: str, model: str, prompt: str) -> tuple[float, int]:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    t0 = time.perf_counter()
     first, cached = None, 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if first is None and event["choices"]:
-                first = time.perf_counter() - t0
-            if event.get("usage"):
-                cached = event["usage"]["prompt_tokens_details"]["cached_tokens"]
+    t0 = time.perf_counter()
+    for arrived, line in client.connection(url).lines("/v1/completions", body):
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[6:])
+        if first is None and event["choices"]:
+            first = arrived - t0
+        if event.get("usage"):
+            cached = event["usage"]["prompt_tokens_details"]["cached_tokens"]
     return first or float("nan"), cached
 
 
 def real_request(url: str, model: str, salt: str) -> float:
     """Latency of a short request whose prompt nobody has cached (so both sides start cold)."""
     t0 = time.perf_counter()
-    r = httpx.post(
-        url + "/v1/completions",
+    client.post(
+        url,
+        "/v1/completions",
+        {"model": model, "prompt": f"# {salt}\ndef real():\n", "max_tokens": 8, "temperature": 0},
         timeout=60,
-        json={
-            "model": model,
-            "prompt": f"# {salt}\ndef real():\n",
-            "max_tokens": 8,
-            "temperature": 0,
-        },
     )
-    r.raise_for_status()
     return time.perf_counter() - t0
 
 
@@ -108,6 +103,7 @@ def main() -> None:
     }
     cached: list[int] = []
     with codeserve(target(args.model)) as url:
+        client.check_overhead(url)
         real_request(url, args.model, "warm-up")
         for r in range(args.rounds):
             prompt = source_text(args.prompt_chars, r)

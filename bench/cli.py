@@ -45,6 +45,14 @@ def add_parser(sub) -> None:
         help="skip the prompt-lookup speculation variant",
     )
     b.add_argument("--quant-dir", type=Path, help="also measure every *.gguf in this directory")
+    b.add_argument(
+        "--contend",
+        type=int,
+        default=0,
+        metavar="N",
+        help="contended variant: run N busy-loop processes through the whole measurement, the "
+        "same load for every peer",
+    )
     b.add_argument("--out", type=Path, help=f"results directory (default {RESULTS})")
     b.set_defaults(func=cmd_suite)
     bs = b.add_subparsers(dest="bench_command")
@@ -79,6 +87,7 @@ def cmd_suite(args: argparse.Namespace) -> None:
     plan = Plan.quick() if args.quick else Plan()
     if args.rounds:
         plan.rounds = args.rounds
+    plan.contention = args.contend
     variants: dict[str, dict] = {}
     if not args.quick:
         kv_types = args.kv_types
@@ -99,6 +108,8 @@ def cmd_suite(args: argparse.Namespace) -> None:
     stem = f"{time.strftime('%Y-%m-%d')}-{machine.machine_name()}"
     if args.model or args.gguf:  # the default model's results keep the plain name
         stem += f"-{t.name}"
+    if args.contend:
+        stem += f"-contended{args.contend}"
     for path in report.write(rep, out, stem):
         print(f"wrote {path}")
     print(report.markdown(rep))

@@ -1,19 +1,31 @@
-"""OpenAI-compatible HTTP client measurements, identical for codeserve and its peers."""
+"""HTTP measurements that cost the harness (almost) nothing, identical for codeserve and its peers.
+
+Each peer is reached over one persistent HTTP/1.1 connection per thread (the standard library's
+``http.client``: no client object, connection pool or TLS context built per request, which for a
+fresh ``httpx`` client costs tens of milliseconds). Times are taken when the bytes arrive, before
+any JSON is parsed. ``check_overhead`` measures what the client itself spends per request (CPU
+time of the calling thread, which excludes waiting on the socket) on a trivial endpoint, and
+raises when that is 1 ms or more, so a slow harness can never pass for a slow server.
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
+import statistics
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-import httpx
+MAX_OVERHEAD_S = 1e-3
 
 
 @dataclass(frozen=True)
 class Sample:
-    ttft_s: float  # request sent → first streamed text
+    ttft_s: float  # request sent → first streamed text on the wire
     latency_s: float  # request sent → last byte
     tokens: int  # streamed text chunks: one per token on every server measured
     prompt_tokens: int | None
@@ -24,25 +36,160 @@ class Sample:
         return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else float("nan")
 
 
-def stream(url: str, body: dict, timeout: float = 300) -> Sample:
-    body = {**body, "stream": True}
-    t0 = time.perf_counter()
+class HttpError(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class HarnessTooSlow(RuntimeError):
+    """The client's own cost per request would distort what it measures."""
+
+
+class Connection:
+    """One keep-alive connection to a server; reconnects once if the server closed it."""
+
+    def __init__(self, base_url: str, timeout: float = 600):
+        u = urlsplit(base_url)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _send(self, method: str, path: str, body: dict | None) -> http.client.HTTPResponse:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        for attempt in (0, 1):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self._conn.request(method, path, body=payload, headers=headers)
+                return self._conn.getresponse()
+            except (ConnectionError, http.client.BadStatusLine):
+                self.close()  # the server dropped an idle keep-alive connection
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+        r = self._send(method, path, body)
+        data = r.read()
+        if r.will_close:
+            self.close()
+        return r.status, data
+
+    def lines(self, path: str, body: dict) -> Iterator[tuple[float, bytes]]:
+        """The response's lines as they arrive, each with its arrival time."""
+        r = self._send("POST", path, body)
+        if r.status != 200:
+            data = r.read()
+            if r.will_close:
+                self.close()
+            raise HttpError(r.status, f"POST {path}: HTTP {r.status}: {data[:500]!r}")
+        done = False
+        try:
+            while line := r.readline():
+                yield time.perf_counter(), line
+            done = True
+        finally:
+            r.close()
+            if r.will_close or not done:  # unread bytes would poison the next response
+                self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+_local = threading.local()
+
+
+def connection(url: str) -> Connection:
+    """This thread's persistent connection to `url`."""
+    pool: dict[str, Connection] = _local.__dict__.setdefault("pool", {})
+    if url not in pool:
+        pool[url] = Connection(url)
+    return pool[url]
+
+
+def sse_text(line: bytes) -> tuple[str, dict | None]:
+    """An OpenAI stream line's text (every choice) and its event."""
+    if not line.startswith(b"data: {"):
+        return "", None
+    event = json.loads(line[6:])
+    return "".join(c.get("text") or "" for c in event.get("choices", [])), event
+
+
+TextOf = Callable[[bytes], tuple[str, dict | None]]
+
+
+def stream_text(url: str, path: str, body: dict, text_of: TextOf, timeout: float = 300) -> Sample:
+    """A streamed request; `text_of(line)` gives a line's generated text and parsed event.
+
+    TTFT is when the first line carrying text arrived; latency when the last byte did.
+    """
+    conn = connection(url)
+    conn.timeout = timeout
     first, tokens, prompt_tokens = None, 0, None
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                prompt_tokens = event["usage"]["prompt_tokens"]
-            for choice in event.get("choices", []):
-                if choice.get("text"):
-                    tokens += 1
-                    if first is None:
-                        first = time.perf_counter() - t0
-    end = time.perf_counter() - t0
-    return Sample(first if first is not None else end, end, tokens, prompt_tokens)
+    t0 = time.perf_counter()
+    end = t0
+    for arrived, line in conn.lines(path, body):
+        end = arrived
+        text, event = text_of(line)
+        if event and event.get("usage"):
+            prompt_tokens = event["usage"]["prompt_tokens"]
+        if text:
+            tokens += 1
+            if first is None:
+                first = arrived - t0
+    latency = end - t0
+    return Sample(first if first is not None else latency, latency, tokens, prompt_tokens)
+
+
+def stream(url: str, body: dict, timeout: float = 300) -> Sample:
+    """One streamed /v1/completions request: TTFT and latency from the wire."""
+    return stream_text(url, "/v1/completions", {**body, "stream": True}, sse_text, timeout)
+
+
+def post(url: str, path: str, body: dict, timeout: float = 600) -> dict:
+    conn = connection(url)
+    conn.timeout = timeout
+    status, data = conn.request("POST", path, body)
+    if status != 200:
+        raise HttpError(status, f"POST {path}: HTTP {status}: {data[:500]!r}")
+    return json.loads(data)
+
+
+def overhead(get: Callable[[], object], rounds: int = 50) -> dict:
+    """The client's own cost of one request: median CPU seconds of the calling thread (and the
+    median wall time for reference), over `rounds` calls of ``get()`` after one warm-up."""
+    get()
+    cpu, wall = [], []
+    for _ in range(rounds):
+        c0, w0 = time.thread_time(), time.perf_counter()
+        get()
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return {"cpu_s": statistics.median(cpu), "wall_s": statistics.median(wall)}
+
+
+def check_overhead(url: str, path: str = "/health", limit_s: float = MAX_OVERHEAD_S) -> dict:
+    """Measure this client on a trivial endpoint of `url`; raise HarnessTooSlow at `limit_s`."""
+    conn = connection(url)
+
+    def get() -> None:
+        status, _ = conn.request("GET", path)
+        if status != 200:
+            raise RuntimeError(f"GET {url}{path}: HTTP {status}")
+
+    out = overhead(get)
+    if out["cpu_s"] >= limit_s:
+        raise HarnessTooSlow(
+            f"the benchmark client spends {out['cpu_s'] * 1e3:.2f} ms of its own per request "
+            f"(GET {url}{path}; limit {limit_s * 1e3:.2f} ms): its figures would measure the "
+            "harness, not the server"
+        )
+    return out
 
 
 def concurrent_throughput(url: str, bodies: list[dict], streams: int, requests: int) -> dict:
@@ -54,18 +201,16 @@ def concurrent_throughput(url: str, bodies: list[dict], streams: int, requests: 
 
     def client() -> None:
         nonlocal tokens
-        with httpx.Client(timeout=600) as c:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                t0 = time.perf_counter()
-                r = c.post(url + "/v1/completions", json=bodies[i % len(bodies)])
-                r.raise_for_status()
-                with lock:
-                    latencies.append(time.perf_counter() - t0)
-                    tokens += r.json()["usage"]["completion_tokens"]
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            out = post(url, "/v1/completions", bodies[i % len(bodies)])
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+                tokens += out["usage"]["completion_tokens"]
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:

@@ -23,6 +23,22 @@ def _fmt(s: dict | None) -> str:
     return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
 
 
+def _conditions(rep: dict) -> list[str]:
+    """The background load and the client's own cost per request, when the report has them."""
+    out = []
+    n = rep.get("plan", {}).get("contention", 0)
+    if n:
+        out.append(f"Contended: {n} busy-loop process{'es' if n != 1 else ''} ran throughout.")
+    overhead = rep.get("client_overhead") or {}
+    if overhead:
+        out.append(
+            "Client overhead per request (CPU, on a trivial endpoint): "
+            + ", ".join(f"{p} {o['cpu_s'] * 1e3:.2f} ms" for p, o in overhead.items())
+            + "."
+        )
+    return [*out, ""] if out else []
+
+
 def markdown(rep: dict) -> str:
     peers = rep["peers"]
     m, model = rep["machine"], rep["model"]
@@ -33,6 +49,7 @@ def markdown(rep: dict) -> str:
         f"{model['threads']} threads, n_ctx {model['n_ctx']}, KV cache {model['kv_cache']}. "
         "Medians (min–max) of interleaved rounds.",
         "",
+        *_conditions(rep),
         "| figure | " + " | ".join(peers) + " |",
         "|---|" + "---|" * len(peers),
     ]

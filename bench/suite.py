@@ -11,14 +11,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 from tqdm import tqdm
 
 from bench import client, machine, workloads
+from bench.contention import busy_load
 from bench.harness import Target, percentile, servers, summary
 from bench.raw import RawLlama
 
 PEERS = ("codeserve", "codeserve-simple", "raw", "llama-cpp-python", "llama-server")
+# A trivial endpoint per peer, for the client's overhead check.
+TRIVIAL = {"llama-cpp-python": "/v1/models"}
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Plan:
     requests_per_stream: int = 2
     concurrency_tokens: int = 128
     candidates: int = 50  # n for "sample many candidates for one problem"
+    contention: int = 0  # busy-loop processes running through the whole measurement
 
     @classmethod
     def quick(cls) -> Plan:
@@ -71,7 +74,14 @@ def run_suite(
     problems = workloads.humaneval()[: plan.humaneval_problems]
     steps = plan.rounds * (len(peers) + len(plan.concurrency) * len(http_peers))
     bar = tqdm(total=steps, desc="bench", unit="run", file=sys.stderr)
-    with servers(t, http_peers, llama_server_bin, variants) as urls:
+    with (
+        servers(t, http_peers, llama_server_bin, variants) as urls,
+        busy_load(plan.contention),
+    ):
+        overhead = {
+            peer: client.check_overhead(url, TRIVIAL.get(peer, "/health"))
+            for peer, url in urls.items()
+        }
         for r in range(plan.rounds):
             order = peers[r % len(peers) :] + peers[: r % len(peers)]
             for peer in order:
@@ -103,6 +113,7 @@ def run_suite(
     bar.close()
     rep = _report(t, peers, plan, res, variant_figures)
     rep["candidates"] = candidates
+    rep["client_overhead"] = overhead
     return rep
 
 
@@ -157,14 +168,11 @@ def _candidates(url: str | None, model: str, plan: Plan) -> dict:
         "temperature": 0.8,
     }
     t0 = time.perf_counter()
-    r = httpx.post(url + "/v1/completions", json={**body, "n": plan.candidates}, timeout=1800)
-    r.raise_for_status()
+    client.post(url, "/v1/completions", {**body, "n": plan.candidates}, timeout=1800)
     together = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(plan.candidates):
-        httpx.post(
-            url + "/v1/completions", json={**body, "seed": i}, timeout=600
-        ).raise_for_status()
+        client.post(url, "/v1/completions", {**body, "seed": i})
     sequential = time.perf_counter() - t0
     return {
         "n": plan.candidates,

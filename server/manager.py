@@ -296,6 +296,7 @@ class ModelManager:
         rows = []
         for name, w in list(self._workers.items()):
             used, cells = w.engine.kv_tokens(), w.engine.kv_cells
+            cache = w.engine.cache_stats()
             rows.append(
                 {
                     "model": name,
@@ -306,6 +307,9 @@ class ModelManager:
                     "memory_bytes": self._footprints.get(name, 0),
                     "resident": 1,
                     "keep_alive_s": self._keep.get(name, NEVER),
+                    "prompt_cache_bytes": cache.bytes_held,
+                    "prompt_cache_hits": cache.hits,
+                    "prompt_cache_misses": cache.misses,
                 }
             )
         return rows

@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.engine.base import Finished
@@ -130,7 +131,7 @@ class Metrics:
         for gap in token_gaps_s:
             histogram.observe(gap)
 
-    def watch(self, state: Callable[[], list[dict]]) -> None:
+    def watch(self, state: Callable[[], list[dict[str, Any]]]) -> None:
         """Gauges read live at scrape time from `state()`: one dict per resident model."""
         self.registry.register(_LiveState(state))
 
@@ -156,15 +157,38 @@ class _LiveState(Collector):
             "How long the model stays loaded once idle (+Inf: never unloaded when idle)",
             "keep_alive_s",
         ),
+        (
+            "codeserve_prompt_cache_bytes",
+            "Host RAM held by saved prompt states (bounded by prompt_cache_mb)",
+            "prompt_cache_bytes",
+        ),
     )
 
-    def __init__(self, state: Callable[[], list[dict]]):
+    _COUNTERS = (
+        (
+            "codeserve_prompt_cache_hits",
+            "Prompts that restored a saved prompt state instead of evaluating its prefix",
+            "prompt_cache_hits",
+        ),
+        (
+            "codeserve_prompt_cache_misses",
+            "Long prompts evaluated cold: no slot and no saved state shared a long prefix",
+            "prompt_cache_misses",
+        ),
+    )
+
+    def __init__(self, state: Callable[[], list[dict[str, Any]]]):
         self._state = state
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         rows = self._state()
         for name, help_, key in self._GAUGES:
             family = GaugeMetricFamily(name, help_, labels=["model"])
             for row in rows:
                 family.add_metric([row["model"]], row[key])
             yield family
+        for name, help_, key in self._COUNTERS:
+            counter = CounterMetricFamily(name, help_, labels=["model"])
+            for row in rows:
+                counter.add_metric([row["model"]], row[key])
+            yield counter

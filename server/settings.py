@@ -79,6 +79,13 @@ class ServerSettings(StoreSettings):
         "speculate (speculative or draft in models.toml), batched for the others",
     )
     slots: int = Field(8, ge=1, le=64, description="sequences the batched engine runs at once")
+    prompt_cache_mb: int | None = Field(
+        None,
+        ge=0,
+        description="host RAM per model for prompt states the batched engine drops from its KV "
+        "cache, restored when a prompt shares a long prefix with one (default: an eighth of the "
+        "memory budget, at most 512; 0 turns it off)",
+    )
     prefill_chunk: int = Field(
         128, ge=16, description="prompt tokens per batched step while others are decoding"
     )
@@ -118,6 +125,12 @@ class ServerSettings(StoreSettings):
         if isinstance(v, str):
             return [item.strip() for item in v.split(",") if item.strip()]
         return v
+
+    def prompt_cache(self) -> int:
+        """MiB of prompt states a batched engine may keep in host RAM."""
+        if self.prompt_cache_mb is not None:
+            return self.prompt_cache_mb
+        return min(512, self.memory_budget_mb // 8)
 
     @model_validator(mode="after")
     def _refuse_open_bind(self) -> ServerSettings:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from server.engine.base import (
+    CacheStats,
     Delta,
     End,
     EventSink,
@@ -59,6 +60,9 @@ class FakeEngine:
 
     def kv_tokens(self) -> int:
         return 0
+
+    def cache_stats(self) -> CacheStats:
+        return CacheStats()
 
     def detokenize(self, tokens: list[int]) -> str:
         return "".join(chr(t + 32) for t in tokens)

@@ -77,3 +77,54 @@ def test_quick_bench_writes_its_report(tmp_path):
     assert rep["physical_limit"]["memory_bandwidth_gbs"] > 0
     assert report.with_suffix(".png").stat().st_size > 1000
     assert "| decode tokens/s" in report.with_suffix(".md").read_text()
+
+
+def test_client_overhead_is_checked(server):
+    import httpx
+
+    from bench import client
+
+    out = client.check_overhead(server.url)
+    assert 0 < out["cpu_s"] < client.MAX_OVERHEAD_S
+    # A client built per request (what httpx.get/httpx.stream do) is what the check exists for.
+    fresh = client.overhead(lambda: httpx.get(server.url + "/health"), rounds=5)
+    assert fresh["cpu_s"] > client.MAX_OVERHEAD_S
+    with pytest.raises(client.HarnessTooSlow, match="harness"):
+        client.check_overhead(server.url, limit_s=1e-9)
+
+
+def test_stream_reuses_one_connection(server):
+    from bench import client
+
+    body = {"prompt": "def f(x):\n", "max_tokens": 4, "temperature": 0}
+    a = client.stream(server.url, body)
+    sock = client.connection(server.url)._conn.sock
+    b = client.stream(server.url, body)
+    assert client.connection(server.url)._conn.sock is sock
+    for s in (a, b):
+        assert s.tokens > 0 and 0 < s.ttft_s <= s.latency_s
+
+
+def test_dialects_quick(server):
+    from bench import dialects
+    from tests.conftest import FIM_MODEL
+
+    out = dialects.run(server.url, FIM_MODEL, rounds=1, prefix_chars=200, tokens=4)
+    for route in ("/infill", "/v1/completions"):
+        assert out["ttft_ms"][route]["median"] > 0
+    assert "/api/generate" in out["ttft_ms"] or "404" in out["skipped"]["/api/generate"]
+    assert "| /infill |" in dialects.markdown(out)
+
+
+def test_busy_load_starts_and_stops_its_processes():
+    import os
+
+    from bench.contention import busy_load
+
+    with busy_load(2) as pids:
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, 0)  # alive
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -14,6 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
 from server.api import auth, errors, guards, health, relay
+from server.api.llamacpp import errors as llamacpp_errors
+from server.api.llamacpp import routes as llamacpp
 from server.api.ollama import chat as ollama_chat
 from server.api.ollama import errors as ollama_errors
 from server.api.ollama import generate as ollama_generate
@@ -42,7 +44,7 @@ def create_app(
     """
     if engine_factory is None:
         engine_factory = make_engine_factory(
-            settings.engine, settings.slots, settings.prefill_chunk
+            settings.engine, settings.slots, settings.prefill_chunk, settings.prompt_cache()
         )
     metrics = Metrics()
     manager = ModelManager(registry, settings, engine_factory, metrics)
@@ -71,10 +73,22 @@ def create_app(
     app.state.metrics = metrics
     # Dialects other than OpenAI's add (path prefix, renderer) pairs here.
     respond = errors.install(
-        app, default=openai_errors.render, by_prefix=[("/api/", ollama_errors.render)]
+        app,
+        default=openai_errors.render,
+        by_prefix=[
+            ("/api/", ollama_errors.render),
+            *((p, llamacpp_errors.render) for p in llamacpp_errors.PREFIXES),
+        ],
     )
     # ... and (path prefix, error envelope model) pairs here, for the OpenAPI document.
-    errors.document(app, default=ErrorResponse, by_prefix=[("/api/", ollama_errors.OllamaError)])
+    errors.document(
+        app,
+        default=ErrorResponse,
+        by_prefix=[
+            ("/api/", ollama_errors.OllamaError),
+            *((p, llamacpp_errors.LlamaServerError) for p in llamacpp_errors.PREFIXES),
+        ],
+    )
     app.add_middleware(relay.ModelLeases, manager=manager)
     v1 = [Depends(auth.require_api_key)]
 
@@ -103,6 +117,7 @@ def create_app(
     for ollama in (ollama_generate, ollama_chat, ollama_models, ollama_pull):
         app.include_router(ollama.router, dependencies=v1)
     app.include_router(ollama_models.root_router)
+    app.include_router(llamacpp.router, dependencies=v1)
     app.include_router(health.router)
 
     # Added last, so they run first: a refused request touches nothing else.

@@ -181,10 +181,20 @@ class ModelInfo:
     kv_cache_bytes: int = 0  # K and V caches at n_ctx
     bos_id: int | None = None  # prepended to prompts (None: the vocabulary adds no BOS)
     fim: FimTokens | None = None  # None: the model cannot fill in the middle
+    prompt_cache_bytes: int = 0  # host RAM the engine may hold for saved prompt states
 
     @property
     def memory_bytes(self) -> int:
-        return self.size_bytes + self.kv_cache_bytes
+        return self.size_bytes + self.kv_cache_bytes + self.prompt_cache_bytes
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """The host-RAM prompt cache of an engine (all zero for engines without one)."""
+
+    bytes_held: int = 0
+    hits: int = 0
+    misses: int = 0
 
 
 class Engine(Protocol):
@@ -213,5 +223,7 @@ class Engine(Protocol):
     def kv_tokens(self) -> int:
         """Tokens currently held in the KV cache (read from other threads for metrics)."""
         ...
+
+    def cache_stats(self) -> CacheStats: ...
 
     def close(self) -> None: ...

@@ -11,7 +11,8 @@ One decode-loop thread owns the context; `submit()` hands it a request and it em
 events itself, straight from the loop (no thread per request: on 2 cores each thread woken per
 token steals time from llama.cpp's spinning threads). A slot keeps its KV cache after its request,
 for the next one sharing a prefix, as long as it is among the RETAINED most recently used idle
-slots.
+slots; older ones are saved to a host-RAM prompt cache (server.engine.prompt_cache) and restored
+into a free slot when a later prompt shares more with them than with any slot.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import threading
 import time
 
 from server.engine.base import (
+    CacheStats,
     Delta,
     EmbeddingRequest,
     EventSink,
@@ -37,6 +39,7 @@ from server.engine.base import (
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
 from server.engine.model import Model
+from server.engine.prompt_cache import PromptCache
 from server.engine.sampling import common_prefix, logprob_entry, sampler_chain
 from server.engine.text import TextReleaser
 from server.errors import InvalidRequest, ModelUnavailable
@@ -59,7 +62,9 @@ class _Cancel:
 
 
 class BatchedEngine:
-    def __init__(self, model: Model, slots: int = 8, prefill_chunk: int = 128):
+    def __init__(
+        self, model: Model, slots: int = 8, prefill_chunk: int = 128, prompt_cache_mb: int = 0
+    ):
         import llama_cpp
 
         cfg = model.cfg
@@ -93,8 +98,11 @@ class BatchedEngine:
             ) from e
         self._n_batch = params.n_batch
         self._n_vocab = model.n_vocab
+        self.prompt_cache = PromptCache(prompt_cache_mb << 20)
         self.info = dataclasses.replace(
-            model.info, kv_cache_bytes=int(model.kv_bytes_per_token * cfg.n_ctx * slots)
+            model.info,
+            kv_cache_bytes=int(model.kv_bytes_per_token * cfg.n_ctx * slots),
+            prompt_cache_bytes=self.prompt_cache.max_bytes,
         )
         self.kv_cells = cfg.n_ctx * slots
         self._slots = [Slot(i) for i in range(slots)]
@@ -128,6 +136,10 @@ class BatchedEngine:
 
     def kv_tokens(self) -> int:
         return sum(len(s.tokens) for s in self._slots)
+
+    def cache_stats(self) -> CacheStats:
+        c = self.prompt_cache
+        return CacheStats(c.bytes_held, c.hits, c.misses)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -200,9 +212,14 @@ class BatchedEngine:
         cold = g.req.sampling.seed is not None and g.req.sampling.temperature > 0
         # The longest shared prefix; among equals the slot idle longest, so recent caches survive.
         primary = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.released))
+        if not cold:
+            primary = self._restore_if_better(primary, free, prompt)
         # Keep at least one prompt token to evaluate: its logits start every choice. A seeded
         # request starts cold for reproducible text (logits depend on how a prompt was batched).
         keep = 0 if cold else min(common_prefix(primary.tokens, prompt), len(prompt) - 1)
+        if self.prompt_cache.worth_saving(primary.tokens[keep:]):
+            # The slot's cache is about to be cut short: keep the whole of it in host RAM.
+            self.prompt_cache.put(primary.tokens, self._ctx.save_seq(primary.seq_id))
         self._ctx.seq_rm(primary.seq_id, keep, -1)
         primary.tokens = primary.tokens[:keep]
         primary.busy = True
@@ -221,6 +238,28 @@ class BatchedEngine:
             self._new_choice(g, slot, state="prefill")
         self._forget_idle()
 
+    def _restore_if_better(self, primary: Slot, free: list[Slot], prompt: list[int]) -> Slot:
+        """A saved prompt state sharing more of ``prompt`` than any slot, restored into the free
+        slot idle longest (whose own cache is saved first), else ``primary`` unchanged."""
+        saved = self.prompt_cache.take(prompt, better_than=common_prefix(primary.tokens, prompt))
+        if saved is None:
+            return primary
+        target = min(free, key=lambda s: (bool(s.tokens), s.released))
+        self._drop_cache(target)
+        if not self._ctx.restore_seq(target.seq_id, saved.state):
+            log.warning("could not restore a saved prompt state (%d bytes)", len(saved.state))
+            self._ctx.seq_rm(target.seq_id, -1, -1)
+            return primary
+        target.tokens = list(saved.tokens)
+        return target
+
+    def _drop_cache(self, slot: Slot) -> None:
+        """Free a slot's KV cells, keeping its state in host RAM when it is worth it."""
+        if slot.tokens and self.prompt_cache.worth_saving(slot.tokens):
+            self.prompt_cache.put(slot.tokens, self._ctx.save_seq(slot.seq_id))
+        self._ctx.seq_rm(slot.seq_id, -1, -1)
+        slot.tokens = []
+
     def _forget_idle(self) -> None:
         """Drop the caches of idle slots beyond the RETAINED most recently used.
 
@@ -233,8 +272,7 @@ class BatchedEngine:
             (s for s in self._slots if not s.busy and s.tokens), key=lambda s: -s.released
         )
         for slot in idle[RETAINED:]:
-            self._ctx.seq_rm(slot.seq_id, -1, -1)
-            slot.tokens = []
+            self._drop_cache(slot)
 
     def _new_choice(self, g: Group, slot: Slot, state: str) -> None:
         seed = (g.base_seed + g.next_index) & 0x7FFFFFFF

@@ -133,6 +133,18 @@ class BatchContext:
     def seq_cp(self, src: int, dst: int) -> None:
         self._lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
+    def save_seq(self, seq: int) -> bytes:
+        """One sequence's state (its KV cells), as llama.cpp serialises it."""
+        size = self._lib.llama_state_seq_get_size(self.ptr, seq)
+        buf = (ctypes.c_uint8 * size)()
+        written = self._lib.llama_state_seq_get_data(self.ptr, buf, size, seq)
+        return bytes(buf)[:written]
+
+    def restore_seq(self, seq: int, state: bytes) -> bool:
+        """Load a saved state into sequence ``seq`` (empty beforehand); False if it did not fit."""
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return bool(self._lib.llama_state_seq_set_data(self.ptr, buf, len(state), seq))
+
     def close(self) -> None:
         self._lib.llama_batch_free(self._batch)
         self._ctx.close()  # type: ignore[no-untyped-call]

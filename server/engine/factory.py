@@ -23,7 +23,9 @@ def uses_batched(choice: EngineChoice, cfg: ModelConfig) -> bool:
     return choice == "batched"
 
 
-def make_engine_factory(choice: EngineChoice, slots: int, prefill_chunk: int) -> Any:
+def make_engine_factory(
+    choice: EngineChoice, slots: int, prefill_chunk: int, prompt_cache_mb: int = 0
+) -> Any:
     def make(path: Path, cfg: ModelConfig, **kwargs: Any) -> Engine:
         if uses_batched(choice, cfg):
             import llama_cpp
@@ -35,7 +37,9 @@ def make_engine_factory(choice: EngineChoice, slots: int, prefill_chunk: int) ->
             before = list_devices()
             model = Model.load(path, cfg)
             try:
-                engine = BatchedEngine(model, slots=slots, prefill_chunk=prefill_chunk)
+                engine = BatchedEngine(
+                    model, slots=slots, prefill_chunk=prefill_chunk, prompt_cache_mb=prompt_cache_mb
+                )
             except BaseException:
                 model.close()
                 raise

@@ -26,6 +26,7 @@ from llama_cpp.llama_grammar import LlamaGrammar
 
 from server.engine import binding
 from server.engine.base import (
+    CacheStats,
     Delta,
     EmbeddingRequest,
     End,
@@ -162,6 +163,9 @@ class LlamaEngine:
 
     def kv_tokens(self) -> int:
         return int(self.llm.n_tokens)
+
+    def cache_stats(self) -> CacheStats:
+        return CacheStats()  # one sequence: its prefix reuse is Llama's own
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.model.detokenize(tokens)

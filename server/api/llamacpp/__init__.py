@@ -1,1 +1,1 @@
-"""llama-server's native API (/completion, /infill, /tokenize, ...) for llama.vscode, Tabby."""
+"""llama-server's native dialect (/completion, /infill, /tokenize, ...): llama.vscode, Continue."""

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 
 from server.api import relay
-from server.api.openai import params
+from server.api.openai import constraints, params
 from server.api.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -55,6 +55,15 @@ def _fim_tokens(
     )
 
 
+def _max_tokens(body: CompletionRequest) -> int | None:
+    """llama-server's ``n_predict`` stands for ``max_tokens`` (-1: up to the context's end)."""
+    if body.n_predict is None:
+        return body.max_tokens
+    if "max_tokens" in body.model_fields_set and body.max_tokens != body.n_predict:
+        raise InvalidRequest("`n_predict` and `max_tokens` disagree; send one", param="n_predict")
+    return None if body.n_predict < 0 else body.n_predict
+
+
 @router.post("/v1/completions", response_model=None, responses=documented(CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request):
     worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
@@ -83,15 +92,19 @@ async def create_completion(body: CompletionRequest, request: Request):
         prompt, prompt_text = list(body.prompt), engine.detokenize(list(body.prompt))
     if not prompt:
         raise InvalidRequest("prompt is empty", param="prompt")
+    gbnf = constraints.content_grammar(body)
     greq = GenerationRequest(
         prompt=prompt,
-        max_tokens=completion_budget(engine.info.n_ctx, len(prompt), body.max_tokens),
+        max_tokens=completion_budget(engine.info.n_ctx, len(prompt), _max_tokens(body)),
         sampling=params.sampling_params(body),
         stop=tuple(body.stop),
         n=body.n,
         logprobs=body.logprobs,
         time_budget_s=params.time_budget(body),
         speculation=params.speculation(body),
+        grammar=gbnf,
+        logit_bias=constraints.logit_bias(body, engine.info.n_vocab),
+        ignore_eos=constraints.check_ignore_eos(body, gbnf),
     )
     cid, created, model = new_id("cmpl"), now(), worker.name
     echo = prompt_text if body.echo else ""

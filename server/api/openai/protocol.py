@@ -1,9 +1,12 @@
 """OpenAI wire shapes as pydantic models, and nothing else.
 
 Requests ignore fields they do not know, as OpenAI-compatible servers do: clients send many
-provider-specific extras. Bounds are checked here so a bad value is a 400 naming the field. Types
-are strict: an int field takes no true or "7", a bool field no "yes" or 1, a token id no false.
-A JSON number with no fraction (1.0) is an integer, as JSON and the OpenAPI document say.
+provider-specific extras. Bounds are checked here so a bad value is a 400 naming the field. OpenAI
+fields that would change the answer but cannot be honoured are declared and refused with a 400
+naming them (see the README's table of request fields); fields without effect here (``user``,
+``store``, ``metadata``, ...) are declared and accepted. Types are strict: an int field takes no
+true or "7", a bool field no "yes" or 1, a token id no false. A JSON number with no fraction (1.0)
+is an integer, as JSON and the OpenAPI document say.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from server.errors import Unsupported
 from server.keepalive import KeepAlive
 
 MAX_STOP = 64
@@ -141,13 +145,76 @@ class _FimFields(_Request):
     filename: Text | None = None
 
 
-class CompletionRequest(_SamplingFields, _FimFields):
+class JsonSchemaFormat(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the grammar always enforces the schema, strict or not
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("`json_schema` is required with type json_schema")
+        return self
+
+
+def _refuse(body: BaseModel, fields: dict[str, Any]) -> None:
+    """400 for the first field that is set to something other than its harmless value."""
+    for name, harmless in fields.items():
+        value = getattr(body, name)
+        if value is not None and value != harmless and not (callable(harmless) and harmless(value)):
+            raise Unsupported(f"`{name}` is not supported by this server", param=name)
+
+
+class _ConstraintFields(_Request):
+    """Output constraints shared by /v1/completions and /v1/chat/completions."""
+
+    response_format: ResponseFormat | None = None
+    # OpenAI's token-id-string keys; -100 bans a token, 100 all but forces it.
+    logit_bias: dict[str, float] | None = None
+    # llama-server's names: a GBNF grammar, or a JSON schema, the output must match.
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+    ignore_eos: bool = False  # llama-server's: never stop at end-of-generation tokens
+    # Accepted and without effect: stored completions, abuse and cache hints.
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"values must be in [-100, 100], got {bias} for {key}")
+        return v
+
+
+class CompletionRequest(_SamplingFields, _FimFields, _ConstraintFields):
     prompt: Annotated[
         Text | list[int] | list[Text] | list[list[int]], WithJsonSchema(_PROMPT_SCHEMA)
     ]
     max_tokens: int | None = Field(16, ge=0)
+    n_predict: int | None = Field(None, ge=-1)  # llama-server's max_tokens; -1: no limit
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _refusals(self) -> CompletionRequest:
+        _refuse(self, {"best_of": 1})
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -169,27 +236,107 @@ class FimCompletionRequest(_SamplingFields, _FimFields):
 
 
 class ContentPart(_Request):
-    type: Text
+    # Images, audio and files would change the answer: a text-only model refuses them.
+    type: Literal["text", "refusal"]
     text: Text | None = None
+    refusal: str | None = None
+
+
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = None  # on assistant messages
+    tool_call_id: str | None = None  # on tool messages
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        return "".join(p.text or "" for p in self.content if p.type == "text")
+        return "".join(p.text or p.refusal or "" for p in self.content)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class FunctionDef(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # a forced call always follows the schema
+
+
+class Tool(_Request):
+    type: Literal["function"]  # custom (free-form grammar) tools are refused by this Literal
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class AllowedTools(_Request):
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice]
+
+
+class AllowedToolsChoice(_Request):
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice
+
+
+class ChatCompletionRequest(_SamplingFields, _ConstraintFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # Declared to be refused (400 naming them) rather than silently ignored:
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _refusals(self) -> ChatCompletionRequest:
+        _refuse(
+            self,
+            {
+                "audio": None,
+                "modalities": lambda v: set(v) <= {"text"},
+                "prediction": None,
+                "functions": None,
+                "function_call": None,
+                "reasoning_effort": None,
+                "verbosity": None,
+                "web_search_options": None,
+                "moderation": None,
+            },
+        )
+        return self
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -251,16 +398,28 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -281,7 +440,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -1,0 +1,89 @@
+"""The host-RAM prompt cache: bookkeeping (pure) and restores on the real model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.engine.base import Finished, GenerationRequest, SamplingParams
+from server.engine.batched import BatchedEngine
+from server.engine.model import Model
+from server.engine.prompt_cache import MIN_REUSE, PromptCache
+from server.scheduler import ModelWorker
+
+
+def toks(start: int, n: int) -> list[int]:
+    return list(range(start, start + n))
+
+
+def test_lru_within_the_byte_bound():
+    cache = PromptCache(max_bytes=250)
+    for i in range(5):
+        cache.put(toks(1000 * i, MIN_REUSE), b"x" * 100)
+        assert cache.bytes_held <= 250
+    assert len(cache) == 2  # the two most recent
+    assert cache.take(toks(0, MIN_REUSE + 5), better_than=0) is None  # evicted
+    assert cache.take(toks(4000, MIN_REUSE + 5), better_than=0) is not None
+
+
+def test_a_longer_state_replaces_the_prefixes_it_extends():
+    cache = PromptCache(max_bytes=10_000)
+    cache.put(toks(0, MIN_REUSE), b"a" * 10)
+    cache.put(toks(0, MIN_REUSE + 40), b"b" * 20)
+    assert len(cache) == 1 and cache.bytes_held == 20
+
+
+def test_take_only_beats_what_a_slot_already_offers():
+    cache = PromptCache(max_bytes=10_000)
+    cache.put(toks(0, 200), b"s")
+    prompt = [*toks(0, 150), 99_999]
+    assert cache.take(prompt, better_than=150) is None  # a slot already has all 150
+    hit = cache.take(prompt, better_than=10)
+    assert hit is not None and cache.hits == 1
+    assert cache.take(toks(5000, 100), better_than=0) is None and cache.misses == 1
+    assert cache.take(toks(5000, 10), better_than=0) is None and cache.misses == 1  # too short
+    assert PromptCache(0).worth_saving(toks(0, 500)) is False
+
+
+@pytest.mark.model
+def test_a_restored_prompt_gives_the_cold_text_and_the_bound_holds(model_path, registry):
+    cfg = registry.models["smollm2-135m"].model_copy(update={"n_ctx": 512})
+    engine = BatchedEngine(Model.load(model_path, cfg), slots=4, prompt_cache_mb=8)
+    worker = ModelWorker("m", engine, queue_size=8, queue_timeout_s=60)
+    greedy = SamplingParams(temperature=0)
+    files = [
+        "".join(f"def {name}_{i}(x):\n    return x * {i} + {len(name)}\n" for i in range(12))
+        for name in ("alpha", "beta", "gamma", "delta", "omega")
+    ]
+
+    async def complete(text: str) -> tuple[str, Finished]:
+        prompt = engine.tokenize(text, add_bos=True)
+        assert len(prompt) > MIN_REUSE
+        out, finished = "", None
+        async for ev in worker.stream(GenerationRequest(prompt, 24, sampling=greedy)):
+            if isinstance(ev, Finished):
+                finished = ev
+            else:
+                out += ev.text
+        assert finished is not None
+        return out, finished
+
+    async def visit() -> tuple[list[tuple[str, Finished]], list[tuple[str, Finished]]]:
+        cold = [await complete(f) for f in files]
+        # Going back, most recent first: those dropped from the KV cache come from host RAM.
+        back = [await complete(f) for f in reversed(files[:-1])]
+        return cold, back[::-1]
+
+    try:
+        cold, back = asyncio.run(visit())
+        stats = engine.cache_stats()
+        assert stats.hits >= 1, stats
+        assert 0 < stats.bytes_held <= 8 << 20
+        restored = [b for b in back if b[1].timings.cached_tokens > MIN_REUSE]
+        assert restored, [b[1].timings for b in back]
+        for (text_cold, _), (text_back, f) in zip(cold, back, strict=False):
+            if f.timings.cached_tokens > MIN_REUSE:
+                assert text_back == text_cold
+    finally:
+        worker.close()
