@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from server.api.errors import _field_path
 from server.api.guards import HostGuard, split_host
+from server.api.llamacpp import errors as llamacpp_errors
 from server.core.prompt_size import (
     CONTROL_TOKEN_FLOOR,
     check_prompt_bytes,
@@ -380,10 +381,10 @@ def test_wrong_method_is_405_with_allow(client):
         concrete = path.replace("{name}", "some-model")
         wrong = "DELETE" if "delete" not in ops else "PATCH"
         r = client.request(wrong, concrete)
-        if path.startswith("/api/"):  # Ollama's envelope
-            assert r.status_code == 405 and isinstance(r.json()["error"], str), r.text
-        else:
+        if path.startswith("/v1/"):
             assert assert_error(r, 405)["type"] == "invalid_request_error"
+        else:  # Ollama's and llama-server's envelopes
+            assert r.status_code == 405 and r.json()["error"], r.text
         allowed = {m.strip() for m in r.headers["allow"].split(",")}
         assert {m.upper() for m in ops} <= allowed, (path, allowed)
 
@@ -397,7 +398,11 @@ def test_openapi_documents_400_envelopes_and_no_422(client):
         for method, op in ops.items():
             responses = op["responses"]
             assert "422" not in responses, (method, path)
-            envelope = "OllamaError" if path.startswith("/api/") else "ErrorResponse"
+            envelope = "ErrorResponse"
+            if path.startswith("/api/"):
+                envelope = "OllamaError"
+            elif path.startswith(llamacpp_errors.PREFIXES):
+                envelope = "LlamaServerError"
             for status in ("400", "default"):
                 ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
                 assert ref == f"#/components/schemas/{envelope}", (method, path, status)
