@@ -18,7 +18,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from tests.conftest import LiveServer
 
 MAX_EXAMPLES = 25
-TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict")  # n_predict: llama-server's
 
 
 def _safe_model(value: object, server: LiveServer) -> object:
