@@ -40,7 +40,7 @@ def _bounded(case, server: LiveServer) -> None:
         if key in body:
             body[key] = _safe_model(body[key], server)
     for key in TOKEN_FIELDS:
-        if type(body.get(key)) is int and not 0 <= body[key] <= 4:  # n_predict -1: no limit
+        if type(body.get(key)) is int and (body[key] > 4 or body[key] == -1):  # -1: no limit
             body[key] = 4
     if type(body.get("n")) is int and body["n"] > 2:
         body["n"] = 2
