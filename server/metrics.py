@@ -145,7 +145,11 @@ class _LiveState(Collector):
             "deferred",
         ),
         ("codeserve_kv_cache_tokens", "Tokens held in the model's KV cache", "kv_tokens"),
-        ("codeserve_kv_cache_usage_ratio", "KV cache tokens / context size", "kv_ratio"),
+        (
+            "codeserve_kv_cache_usage_ratio",
+            "KV cache cells in use / all cells (n_ctx per slot, every slot)",
+            "kv_ratio",
+        ),
         ("codeserve_model_memory_bytes", "Weights plus KV cache at n_ctx", "memory_bytes"),
         ("codeserve_model_resident", "1 for each model loaded in memory", "resident"),
         (

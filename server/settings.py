@@ -6,10 +6,10 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.errors import ConfigError
 
@@ -31,6 +31,10 @@ def _total_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 8 << 30
+
+
+# Read from one comma-separated environment variable rather than JSON.
+HostList = Annotated[list[str], NoDecode]
 
 
 class StoreSettings(BaseSettings):
@@ -94,6 +98,33 @@ class ServerSettings(StoreSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="uvicorn's log level"
     )
+    max_body_mb: float = Field(
+        8.0, gt=0, description="request bodies larger than this are refused with 413"
+    )
+    allowed_hosts: HostList = Field(
+        default_factory=list,
+        description="Host names this server may be reached by besides loopback names, IP "
+        "addresses and the bound host (comma-separated; '*' for any, '*.example.com' patterns); "
+        "other Host headers get 403, which defeats DNS rebinding",
+    )
+    allowed_origins: HostList = Field(
+        default_factory=list,
+        description="browser Origins allowed to call the server besides loopback pages and local "
+        "apps (comma-separated, e.g. 'https://app.example.com,http://intranet:*'; '*' for any)",
+    )
+    cors_origins: HostList = Field(
+        default_factory=list,
+        description="Origins whose browser pages may read responses (CORS; off when empty; "
+        "comma-separated, '*' for any); these origins are also allowed",
+    )
+
+    @field_validator("allowed_hosts", "allowed_origins", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: object) -> object:
+        # Like OLLAMA_ORIGINS: one comma-separated variable, not a JSON list.
+        if isinstance(v, str):
+            return [item.strip() for item in v.split(",") if item.strip()]
+        return v
 
     def prompt_cache(self) -> int:
         """MiB of prompt states a batched engine may keep in host RAM."""

@@ -39,8 +39,8 @@ FIM_OVERRIDES = {
 
 
 class LiveServer:
-    def __init__(self, settings: ServerSettings, registry: Registry):
-        self.app = create_app(settings, registry)
+    def __init__(self, settings: ServerSettings, registry: Registry, engine_factory=None):
+        self.app = create_app(settings, registry, engine_factory)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

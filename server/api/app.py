@@ -8,11 +8,12 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager, suppress
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api import auth, errors, health, relay
+from server.api import auth, errors, guards, health, relay
 from server.api.llamacpp import errors as llamacpp_errors
 from server.api.llamacpp import routes as llamacpp
 from server.api.ollama import chat as ollama_chat
@@ -31,6 +32,7 @@ from server.api.openai import (
     responses,
 )
 from server.api.openai import errors as openai_errors
+from server.api.openai.protocol import ErrorResponse
 from server.api.openai.responses_store import ResponseStore
 from server.engine.factory import make_engine_factory
 from server.manager import EngineFactory, ModelManager
@@ -81,12 +83,21 @@ def create_app(
     app.state.metrics = metrics
     app.state.responses = ResponseStore()  # for /v1/responses' previous_response_id
     # Dialects other than OpenAI's add (path prefix, renderer) pairs here.
-    errors.install(
+    respond = errors.install(
         app,
         default=openai_errors.render,
         by_prefix=[
             ("/api/", ollama_errors.render),
             *((p, llamacpp_errors.render) for p in llamacpp_errors.PREFIXES),
+        ],
+    )
+    # ... and (path prefix, error envelope model) pairs here, for the OpenAPI document.
+    errors.document(
+        app,
+        default=ErrorResponse,
+        by_prefix=[
+            ("/api/", ollama_errors.OllamaError),
+            *((p, llamacpp_errors.LlamaServerError) for p in llamacpp_errors.PREFIXES),
         ],
     )
     app.add_middleware(relay.ModelLeases, manager=manager)
@@ -121,6 +132,25 @@ def create_app(
     app.include_router(ollama_models.root_router)
     app.include_router(llamacpp.router, dependencies=v1)
     app.include_router(health.router)
+
+    # Added last, so they run first: a refused request touches nothing else.
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(
+        guards.BodyLimit, respond=respond, max_bytes=int(settings.max_body_mb * (1 << 20))
+    )
+    app.add_middleware(
+        guards.HostGuard,
+        respond=respond,
+        bound_host=settings.host,
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=[*settings.allowed_origins, *settings.cors_origins],
+    )
     return app
 
 

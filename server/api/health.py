@@ -8,7 +8,13 @@ from fastapi.responses import JSONResponse
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    responses={
+        200: {"description": "The default model is loaded"},
+        503: {"description": "The default model is loading, or failed to load (`error`)"},
+    },
+)
 async def health(request: Request) -> JSONResponse:
     manager = request.app.state.manager
     name = manager.default_model

@@ -8,9 +8,9 @@ errors known before that first event (queue full, queue timeout) still become pr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -23,6 +23,19 @@ from server.scheduler import ModelWorker
 
 if TYPE_CHECKING:
     from server.manager import ModelManager
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def blocking(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run CPU-heavy request work (tokenizing, template rendering) on a thread.
+
+    A long prompt then delays only its own request: other streams and /health keep being served
+    by the event loop meanwhile.
+    """
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
 
 _LEASES = "model_leases"
 

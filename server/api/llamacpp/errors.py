@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from server.api.errors import ApiError
 
@@ -37,3 +38,15 @@ def envelope(err: ApiError) -> dict[str, Any]:
 
 def render(err: ApiError) -> JSONResponse:
     return JSONResponse(envelope(err), status_code=err.status)
+
+
+class _LlamaServerErrorBody(BaseModel):
+    code: int
+    message: str
+    type: str
+
+
+class LlamaServerError(BaseModel):
+    """llama-server's error envelope, for the OpenAPI document."""
+
+    error: _LlamaServerErrorBody

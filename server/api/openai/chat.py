@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal, cast
 
 from fastapi import APIRouter, Request
@@ -27,13 +26,15 @@ from server.api.openai.protocol import (
     new_id,
     now,
 )
-from server.api.openai.streaming import sse, usage
+from server.api.openai.streaming import documented, sse, usage
 from server.core.budget import completion_budget
-from server.core.chat import chat_prompt
+from server.core.chat import render_chat
+from server.core.prompt_size import check_prompt_bytes
 from server.core.tools import (
     ArgumentsDelta,
     CallStart,
     ContentDelta,
+    Function,
     ToolCallParser,
     ToolEvent,
     detect_format,
@@ -64,7 +65,17 @@ async def render_prompt(
     """The prompt's token ids; rendering and tokenizing run off the event loop."""
     messages = [_message(m) for m in body.messages]
     functions = plan.functions if plan else ()
-    return await asyncio.to_thread(chat_prompt, engine, messages, functions)
+    return await relay.blocking(_checked_prompt, engine, messages, functions)
+
+
+def _checked_prompt(
+    engine: Engine, messages: list[dict[str, Any]], functions: Sequence[Function]
+) -> list[int]:
+    """chat_prompt with a size check between template and tokens: a prompt too big for the
+    context is refused from its byte length (see server.core.prompt_size)."""
+    text, has_bos = render_chat(engine.info, messages, functions)
+    check_prompt_bytes(engine, text, param="messages")
+    return engine.tokenize(text, add_bos=not has_bos)
 
 
 def _chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
@@ -84,7 +95,9 @@ def _chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
     )
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions", response_model=None, responses=documented(ChatCompletionResponse)
+)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Answer:
     worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     info = worker.engine.info

@@ -16,10 +16,11 @@ from server.api.openai.protocol import (
     new_id,
     now,
 )
-from server.api.openai.streaming import sse, usage
+from server.api.openai.streaming import documented, sse, usage
 from server.core.budget import completion_budget
 from server.core.fim_request import fim_prompt
-from server.engine.base import Delta, Event, GenerationRequest, TokenLogprob
+from server.core.prompt_size import check_prompt_bytes, trim_fim
+from server.engine.base import Delta, Engine, Event, GenerationRequest, TokenLogprob
 from server.engine.fim import ExtraFile
 from server.errors import InvalidRequest, Unsupported
 
@@ -35,6 +36,25 @@ def _logprobs(entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
     )
 
 
+def _tokens(engine: Engine, text: str) -> list[int]:
+    check_prompt_bytes(engine, text)
+    return engine.tokenize(text, add_bos=True)
+
+
+def _fim_tokens(
+    engine: Engine, prefix: str, suffix: str, max_tokens: int | None, body: CompletionRequest
+) -> list[int]:
+    prefix, suffix = trim_fim(engine, prefix, suffix)
+    return fim_prompt(
+        engine,
+        prefix,
+        suffix,
+        max_tokens=max_tokens,
+        extra=[ExtraFile(f.filename, f.text) for f in body.input_extra],
+        filename=body.filename,
+    )
+
+
 def _max_tokens(body: CompletionRequest) -> int | None:
     """llama-server's ``n_predict`` stands for ``max_tokens`` (-1: up to the context's end)."""
     if body.n_predict is None:
@@ -44,7 +64,7 @@ def _max_tokens(body: CompletionRequest) -> int | None:
     return None if body.n_predict < 0 else body.n_predict
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=documented(CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request):
     worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     engine = worker.engine
@@ -55,19 +75,16 @@ async def create_completion(body: CompletionRequest, request: Request):
     if body.suffix is not None:
         if not isinstance(body.prompt, str):
             raise InvalidRequest("with `suffix`, `prompt` must be a string", param="prompt")
-        prompt = fim_prompt(
-            engine,
-            body.prompt,
-            body.suffix,
-            max_tokens=body.max_tokens,
-            extra=[ExtraFile(f.filename, f.text) for f in body.input_extra],
-            filename=body.filename,
+        prompt = await relay.blocking(
+            _fim_tokens, engine, body.prompt, body.suffix, body.max_tokens, body
         )
         prompt_text = body.prompt
     elif isinstance(body.prompt, str):
-        prompt = engine.tokenize(body.prompt, add_bos=True)
+        prompt = await relay.blocking(_tokens, engine, body.prompt)
         prompt_text = body.prompt
     else:
+        if len(body.prompt) >= engine.info.n_ctx:  # before looking at a million ids
+            completion_budget(engine.info.n_ctx, len(body.prompt), None)
         if any(t < 0 or t >= engine.info.n_vocab for t in body.prompt):
             raise InvalidRequest(
                 f"prompt token ids must be in [0, {engine.info.n_vocab})", param="prompt"

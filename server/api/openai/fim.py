@@ -13,27 +13,36 @@ from fastapi import APIRouter, Request
 
 from server.api import relay
 from server.api.openai import chat, params
-from server.api.openai.protocol import FimCompletionRequest
+from server.api.openai.protocol import ChatCompletionResponse, FimCompletionRequest
+from server.api.openai.streaming import documented
 from server.core.budget import completion_budget
 from server.core.fim_request import fim_prompt
-from server.engine.base import GenerationRequest
+from server.core.prompt_size import trim_fim
+from server.engine.base import Engine, GenerationRequest
 from server.engine.fim import ExtraFile
 
 router = APIRouter()
 
 
-@router.post("/v1/fim/completions", response_model=None)
-async def create_fim_completion(body: FimCompletionRequest, request: Request):
-    worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
-    engine = worker.engine
-    prompt = fim_prompt(
+def _fim_tokens(engine: Engine, body: FimCompletionRequest) -> list[int]:
+    prefix, suffix = trim_fim(engine, body.prompt, body.suffix or "")
+    return fim_prompt(
         engine,
-        body.prompt,
-        body.suffix or "",
+        prefix,
+        suffix,
         max_tokens=body.max_tokens,
         extra=[ExtraFile(f.filename, f.text) for f in body.input_extra],
         filename=body.filename,
     )
+
+
+@router.post(
+    "/v1/fim/completions", response_model=None, responses=documented(ChatCompletionResponse)
+)
+async def create_fim_completion(body: FimCompletionRequest, request: Request):
+    worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
+    engine = worker.engine
+    prompt = await relay.blocking(_fim_tokens, engine, body)
     sampling = params.sampling_params(body)
     if body.random_seed is not None and body.seed is None:
         sampling = replace(sampling, seed=body.random_seed)

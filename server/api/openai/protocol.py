@@ -4,7 +4,9 @@ Requests ignore fields they do not know, as OpenAI-compatible servers do: client
 provider-specific extras. Bounds are checked here so a bad value is a 400 naming the field. OpenAI
 fields that would change the answer but cannot be honoured are declared and refused with a 400
 naming them (see the README's table of request fields); fields without effect here (``user``,
-``store``, ``metadata``, ...) are declared and accepted.
+``store``, ``metadata``, ...) are declared and accepted. Types are strict: an int field takes no
+true or "7", a bool field no "yes" or 1, a token id no false. A JSON number with no fraction (1.0)
+is an integer, as JSON and the OpenAPI document say.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from server.errors import Unsupported
 from server.keepalive import KeepAlive
@@ -21,15 +31,51 @@ from server.keepalive import KeepAlive
 MAX_STOP = 64
 
 
+def _valid_unicode(v: str) -> str:
+    # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer can encode.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"text contains a lone UTF-16 surrogate at character {e.start}, which is not valid "
+            "Unicode"
+        ) from None
+    return v
+
+
+# Every string that reaches a tokenizer, a template or a log goes through this type.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+def _whole_numbers(v: Any) -> Any:
+    """JSON has one number type: 1.0 is the integer 1 (JSON Schema's "integer" says the same).
+
+    Strict validation would refuse it for an int field; a float field takes the int as it is.
+    """
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, list):
+        return [_whole_numbers(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _whole_numbers(x) for k, x in v.items()}
+    return v
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict: true, "7" and 1.5 are not integers, 1 and "yes" not booleans.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_numbers(cls, data: Any) -> Any:
+        return _whole_numbers(data)
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-def _normalize_stop(v: str | list[str] | None) -> list[str]:
+def _normalize_stop(v: Any) -> Any:
     if v is None:
         return []
     if not isinstance(v, str | list):
@@ -40,8 +86,29 @@ def _normalize_stop(v: str | list[str] | None) -> list[str]:
     return [s for s in stops if s != ""]
 
 
+# What the validators below accept, for the OpenAPI document (pydantic sees only the types).
+_STOP_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP},
+        {"type": "null"},
+    ],
+    "description": "Text at which generation stops (one string or a list)",
+}
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        _TOKEN_IDS,
+        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": 1},
+    ],
+    "description": "Text or token ids; a batch of prompts may hold one prompt",
+}
+
+
 class _SamplingFields(_Request):
-    model: str | None = None
+    model: Text | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(40, ge=0)
@@ -50,11 +117,11 @@ class _SamplingFields(_Request):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = None
-    stop: Annotated[list[str], Field(default_factory=list)]
+    stop: Annotated[list[Text], Field(default_factory=list), WithJsonSchema(_STOP_SCHEMA)]
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # llama-server's name: stop generating (finish_reason "length") after this many milliseconds.
     t_max_predict_ms: int | None = Field(None, gt=0)
     # codeserve extensions: speculative decoding per request (default: the model's setting).
@@ -67,15 +134,15 @@ class _SamplingFields(_Request):
 
 
 class ExtraFile(_Request):
-    filename: str = "untitled"
-    text: str
+    filename: Text = "untitled"
+    text: Text
 
 
 class _FimFields(_Request):
-    suffix: str | None = None
+    suffix: Text | None = None
     # Repository-level context for fill-in-the-middle, in llama-server's /infill shape.
     input_extra: list[ExtraFile] = Field(default_factory=list)
-    filename: str | None = None
+    filename: Text | None = None
 
 
 class JsonSchemaFormat(_Request):
@@ -135,7 +202,9 @@ class _ConstraintFields(_Request):
 
 
 class CompletionRequest(_SamplingFields, _FimFields, _ConstraintFields):
-    prompt: str | list[int] | list[str] | list[list[int]] = ""
+    prompt: Annotated[
+        Text | list[int] | list[Text] | list[list[int]], WithJsonSchema(_PROMPT_SCHEMA)
+    ]
     max_tokens: int | None = Field(16, ge=0)
     n_predict: int | None = Field(None, ge=-1)  # llama-server's max_tokens; -1: no limit
     echo: bool = False
@@ -149,7 +218,7 @@ class CompletionRequest(_SamplingFields, _FimFields, _ConstraintFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: Any) -> str | list[int]:
+    def _one_prompt(cls, v: Any) -> Any:
         # OpenAI also accepts a batch of prompts; one prompt per request is what local clients send.
         if isinstance(v, list) and v and isinstance(v[0], str | list):
             if len(v) != 1:
@@ -161,7 +230,7 @@ class CompletionRequest(_SamplingFields, _FimFields, _ConstraintFields):
 class FimCompletionRequest(_SamplingFields, _FimFields):
     """Mistral's /v1/fim/completions: prompt (code before the cursor) + suffix (after it)."""
 
-    prompt: str
+    prompt: Text
     max_tokens: int | None = Field(None, ge=1)
     random_seed: int | None = None  # Mistral's name for seed
 
@@ -169,7 +238,7 @@ class FimCompletionRequest(_SamplingFields, _FimFields):
 class ContentPart(_Request):
     # Images, audio and files would change the answer: a text-only model refuses them.
     type: Literal["text", "refusal"]
-    text: str | None = None
+    text: Text | None = None
     refusal: str | None = None
 
 
@@ -186,8 +255,8 @@ class ToolCallIn(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
     tool_calls: list[ToolCallIn] | None = None  # on assistant messages
     tool_call_id: str | None = None  # on tool messages
 

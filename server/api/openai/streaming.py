@@ -3,13 +3,44 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
-from server.api.openai.protocol import PromptTokensDetails, Usage
+from server.api.errors import ApiError
+from server.api.openai.protocol import ErrorBody, ErrorResponse, PromptTokensDetails, Usage
 from server.engine.base import Finished
 from server.errors import CodeserveError
+
+log = logging.getLogger(__name__)
+
+
+# One server-sent event, as Open API before 3.2 reads a text/event-stream schema.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A JSON chunk, or an error envelope after a failure, then `[DONE]`",
+        }
+    },
+}
+
+
+def documented(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of a route that answers ``model``, or a stream when asked."""
+    return {
+        200: {
+            "model": model,
+            "description": "The completion; with `stream: true`, server-sent events of chunks, "
+            "then `data: [DONE]`",
+            "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+        }
+    }
 
 
 def usage(finished: list[Finished]) -> Usage:
@@ -24,26 +55,31 @@ def usage(finished: list[Finished]) -> Usage:
     )
 
 
-def sse(chunks: AsyncIterator[dict]) -> EventSourceResponse:
-    """OpenAI's stream framing: ``data: {json}`` events, then ``data: [DONE]``."""
+def _error_event(err: ApiError) -> dict[str, str]:
+    body = ErrorResponse(
+        error=ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
+    )
+    # ensure_ascii: a lone surrogate echoed in a message cannot break the stream's encoding.
+    return {"data": json.dumps(body.model_dump(), separators=(",", ":"))}
 
-    async def frames() -> AsyncIterator[dict]:
+
+def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+    """OpenAI's stream framing: ``data: {json}`` events, then ``data: [DONE]``.
+
+    Once the headers are out an error can no longer be a status code: whatever goes wrong becomes
+    one error event in OpenAI's envelope, and the stream still ends with ``[DONE]`` so clients
+    never see a stream cut short.
+    """
+
+    async def frames() -> AsyncIterator[dict[str, str]]:
         try:
             async for chunk in chunks:
                 yield {"data": json.dumps(chunk, separators=(",", ":"))}
-        except CodeserveError as e:  # after the headers went out, an error is one more event
-            yield {
-                "data": json.dumps(
-                    {
-                        "error": {
-                            "message": e.message,
-                            "type": e.error_type,
-                            "param": e.param,
-                            "code": e.code,
-                        }
-                    }
-                )
-            }
+        except CodeserveError as e:
+            yield _error_event(ApiError.of(e))
+        except Exception as e:
+            log.exception("stream failed after its headers were sent")
+            yield _error_event(ApiError.unexpected(e))
         yield {"data": "[DONE]"}
 
     return EventSourceResponse(frames(), sep="\n", ping=15)
