@@ -60,7 +60,7 @@ def _content_rule(body: _ConstraintFields, b: grammar.GrammarBuilder) -> str | N
         assert rf is not None
         if rf.type == "json_object":
             return b.schema({"type": "object"}, "json", param="response_format")
-        assert rf.json_schema is not None
+        assert rf.type == "json_schema"
         return b.schema(rf.json_schema.schema_, "json", param="response_format.json_schema.schema")
     if source == "json_schema":
         return b.schema(body.json_schema, "json", param="json_schema")

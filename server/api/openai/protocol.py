@@ -152,15 +152,35 @@ class JsonSchemaFormat(_Request):
     strict: bool | None = None  # the grammar always enforces the schema, strict or not
 
 
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+class TextFormat(_Request):
+    type: Literal["text"]
 
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("`json_schema` is required with type json_schema")
-        return self
+
+class JsonObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+# Tagged by `type`, so the document says that `json_schema` comes with type json_schema.
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")
+]
+# OpenAI's logit_bias keys: token ids written as strings.
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]+$")]
+_LOGIT_BIAS_SCHEMA = {
+    "anyOf": [
+        {
+            "type": "object",
+            "patternProperties": {"^[0-9]+$": {"type": "number", "minimum": -100, "maximum": 100}},
+            "additionalProperties": False,
+        },
+        {"type": "null"},
+    ]
+}
 
 
 def _refuse(body: BaseModel, fields: dict[str, Any]) -> None:
@@ -176,7 +196,10 @@ class _ConstraintFields(_Request):
 
     response_format: ResponseFormat | None = None
     # OpenAI's token-id-string keys; -100 bans a token, 100 all but forces it.
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[
+        dict[TokenIdKey, Annotated[float, Field(ge=-100, le=100)]] | None,
+        WithJsonSchema(_LOGIT_BIAS_SCHEMA),
+    ] = None
     # llama-server's names: a GBNF grammar, or a JSON schema, the output must match.
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
@@ -189,16 +212,6 @@ class _ConstraintFields(_Request):
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
     safety_identifier: str | None = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (v or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"values must be in [-100, 100], got {bias} for {key}")
-        return v
 
 
 class CompletionRequest(_SamplingFields, _FimFields, _ConstraintFields):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from server.api.openai.protocol import _SamplingFields
 
@@ -70,15 +70,83 @@ class Reasoning(_Wire):
     generate_summary: str | None = None
 
 
+# What the hand parsing in responses_input accepts, stated in the OpenAPI document (the items stay
+# raw dicts so a bad one is a 400 naming input[i]; an unsupported type is a 400 naming its type).
+_PARTS: dict[str, Any] = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {"type": {"type": "string"}, "text": {"type": "string"}},
+    },
+}
+_INPUT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "anyOf": [
+                    {
+                        "type": "object",
+                        "required": ["role", "content"],
+                        "properties": {
+                            "type": {"const": "message"},
+                            "role": {"enum": ["user", "assistant", "system", "developer"]},
+                            "content": {"anyOf": [{"type": "string"}, _PARTS]},
+                        },
+                    },
+                    {
+                        "type": "object",
+                        "required": ["type", "call_id", "name", "arguments"],
+                        "properties": {
+                            "type": {"const": "function_call"},
+                            "call_id": {"type": "string"},
+                            "name": {"type": "string"},
+                            "arguments": {"type": "string"},
+                        },
+                    },
+                    {
+                        "type": "object",
+                        "required": ["type", "call_id", "output"],
+                        "properties": {
+                            "type": {"const": "function_call_output"},
+                            "call_id": {"type": "string"},
+                            "output": {"anyOf": [{"type": "string"}, _PARTS]},
+                        },
+                    },
+                ]
+            },
+        },
+    ]
+}
+_TOOLS_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["type", "name"],
+        "properties": {
+            "type": {"type": "string"},
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+            "description": {"type": ["string", "null"]},
+            "parameters": {"type": ["object", "null"]},
+            "strict": {"type": ["boolean", "null"]},
+        },
+    },
+}
+
+
 class ResponseCreateRequest(_SamplingFields):
     """POST /v1/responses. Also takes the llama-server sampling extras chat completions take."""
 
-    input: str | list[dict[str, Any]]
+    input: Annotated[str | list[dict[str, Any]], WithJsonSchema(_INPUT_SCHEMA)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     text: TextConfig | None = None
     # Raw dicts: built-in tool types (web_search, ...) get a 400 naming them, not a parse error.
-    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tools: Annotated[list[dict[str, Any]], WithJsonSchema(_TOOLS_SCHEMA)] = Field(
+        default_factory=list
+    )
     tool_choice: ToolChoice = "auto"
     parallel_tool_calls: bool | None = None
     previous_response_id: str | None = None
