@@ -99,7 +99,7 @@ def test_every_route_keeps_its_documented_promises(server: LiveServer, mode: Gen
         def check(case) -> None:
             _bounded(case, server)
             case.call_and_validate(
-                timeout=300,  # a schema-valid prompt may fill the context: minutes of prefill on 2 busy cores
+                timeout=300,  # a valid prompt may fill the context: minutes of prefill
                 excluded_checks=[positive_data_acceptance],
                 additional_checks=[schema_valid_requests_pass_validation],
             )
