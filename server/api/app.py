@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -61,7 +61,7 @@ def create_app(
     metrics.watch(manager.state)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background so /health can answer 503 "loading" meanwhile.
         preload = [manager.default_model] + [
             m.name
@@ -104,7 +104,9 @@ def create_app(
     v1 = [Depends(auth.require_api_key)]
 
     @app.middleware("http")
-    async def count_requests(request: Request, call_next):
+    async def count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         status = 500
         try:
             response = await call_next(request)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar
 
 from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -171,8 +171,11 @@ async def collect(events: AsyncIterator[Event], request: Request, n: int) -> lis
     return choices
 
 
-def finish_reason(f: Finished | None) -> str | None:
-    return None if f is None or f.reason == "cancelled" else f.reason
+def finish_reason(f: Finished | None) -> Literal["stop", "length"] | None:
+    """The wire's finish reason; a cancelled choice has none (its client is gone)."""
+    if f is None or f.reason == "cancelled":
+        return None
+    return f.reason
 
 
 async def embed(

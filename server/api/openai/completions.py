@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from server.api import relay
 from server.api.openai import constraints, params
@@ -20,7 +21,7 @@ from server.api.openai.streaming import documented, sse, usage
 from server.core.budget import completion_budget
 from server.core.fim_request import fim_prompt
 from server.core.prompt_size import check_prompt_bytes, trim_fim
-from server.engine.base import Delta, Engine, Event, GenerationRequest, TokenLogprob
+from server.engine.base import Delta, Engine, Event, Finished, GenerationRequest, TokenLogprob
 from server.engine.fim import ExtraFile
 from server.errors import InvalidRequest, Unsupported
 
@@ -65,7 +66,9 @@ def _max_tokens(body: CompletionRequest) -> int | None:
 
 
 @router.post("/v1/completions", response_model=None, responses=documented(CompletionResponse))
-async def create_completion(body: CompletionRequest, request: Request):
+async def create_completion(
+    body: CompletionRequest, request: Request
+) -> Response | CompletionResponse | None:
     worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     engine = worker.engine
     if body.echo and body.logprobs is not None:
@@ -83,13 +86,14 @@ async def create_completion(body: CompletionRequest, request: Request):
         prompt = await relay.blocking(_tokens, engine, body.prompt)
         prompt_text = body.prompt
     else:
-        if len(body.prompt) >= engine.info.n_ctx:  # before looking at a million ids
-            completion_budget(engine.info.n_ctx, len(body.prompt), None)
-        if any(t < 0 or t >= engine.info.n_vocab for t in body.prompt):
+        ids = cast(list[int], body.prompt)  # one prompt of token ids (see the request's validator)
+        if len(ids) >= engine.info.n_ctx:  # before looking at a million ids
+            completion_budget(engine.info.n_ctx, len(ids), None)
+        if any(t < 0 or t >= engine.info.n_vocab for t in ids):
             raise InvalidRequest(
                 f"prompt token ids must be in [0, {engine.info.n_vocab})", param="prompt"
             )
-        prompt, prompt_text = list(body.prompt), engine.detokenize(list(body.prompt))
+        prompt, prompt_text = list(ids), engine.detokenize(list(ids))
     if not prompt:
         raise InvalidRequest("prompt is empty", param="prompt")
     gbnf = constraints.content_grammar(body)
@@ -134,11 +138,18 @@ async def create_completion(body: CompletionRequest, request: Request):
 
 
 async def _chunks(
-    events: AsyncIterator[Event], cid: str, created: int, model: str, echo: str, body
-) -> AsyncIterator[dict]:
+    events: AsyncIterator[Event],
+    cid: str,
+    created: int,
+    model: str,
+    echo: str,
+    body: CompletionRequest,
+) -> AsyncIterator[dict[str, Any]]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(index: int, text: str, logprobs=None, finish=None) -> dict:
+    def chunk(
+        index: int, text: str, logprobs: dict[str, Any] | None = None, finish: str | None = None
+    ) -> dict[str, Any]:
         return {
             "id": cid,
             "object": "text_completion",
@@ -151,8 +162,10 @@ async def _chunks(
         }
 
     echoed: set[int] = set()
-    finished = []
+    finished: list[Finished] = []
     async for ev in events:
+        if not isinstance(ev, Delta | Finished):
+            continue
         head = ""
         if echo and ev.index not in echoed:
             echoed.add(ev.index)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from server.api import relay
 from server.api.openai import chat, params
@@ -39,7 +39,9 @@ def _fim_tokens(engine: Engine, body: FimCompletionRequest) -> list[int]:
 @router.post(
     "/v1/fim/completions", response_model=None, responses=documented(ChatCompletionResponse)
 )
-async def create_fim_completion(body: FimCompletionRequest, request: Request):
+async def create_fim_completion(
+    body: FimCompletionRequest, request: Request
+) -> Response | ChatCompletionResponse | None:
     worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     engine = worker.engine
     prompt = await relay.blocking(_fim_tokens, engine, body)
