@@ -8,9 +8,9 @@ errors known before that first event (queue full, queue timeout) still become pr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -159,7 +159,13 @@ async def collect(events: AsyncIterator[Event], request: Request, n: int) -> lis
             elif isinstance(ev, Finished):
                 choices[ev.index].finish = ev
 
-    task = asyncio.ensure_future(consume())
+    await _unless_gone(consume(), request)
+    return choices
+
+
+async def _unless_gone(work: Coroutine[Any, Any, None], request: Request) -> None:
+    """Run ``work`` to its end, or cancel it and raise ClientGone if the client leaves first."""
+    task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_wait_disconnect(request))
     await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     if not task.done():
@@ -168,7 +174,6 @@ async def collect(events: AsyncIterator[Event], request: Request, n: int) -> lis
         raise ClientGone
     gone.cancel()
     task.result()
-    return choices
 
 
 def finish_reason(f: Finished | None) -> Literal["stop", "length"] | None:
@@ -193,13 +198,5 @@ async def embed(
             if isinstance(ev, Embedded):
                 got.append(ev)
 
-    task = asyncio.ensure_future(consume())
-    gone = asyncio.ensure_future(_wait_disconnect(request))
-    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise ClientGone
-    gone.cancel()
-    task.result()
+    await _unless_gone(consume(), request)
     return got

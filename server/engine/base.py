@@ -11,6 +11,7 @@ stop string, so deltas concatenate to the final text exactly.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,17 @@ class Handle(Protocol):
     def cancel(self) -> None:
         """Stop the request as soon as possible (within one step); its End still follows."""
         ...
+
+
+class CancelFlag:
+    """A ``Handle`` whose cancel sets a flag the engine's thread reads between steps."""
+
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+        self.is_set = self._flag.is_set
+
+    def cancel(self) -> None:
+        self._flag.set()
 
 
 @dataclass(frozen=True)

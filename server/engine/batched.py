@@ -25,6 +25,7 @@ import time
 
 from server.engine.base import (
     CacheStats,
+    CancelFlag,
     Delta,
     EmbeddingRequest,
     EventSink,
@@ -48,17 +49,6 @@ log = logging.getLogger(__name__)
 
 # Idle slots whose KV cache is kept for prefix reuse (see BatchedEngine._forget_idle).
 RETAINED = 2
-
-
-class _Cancel:
-    """The handle of a submitted request: cancelling sets a flag the decode loop reads each step."""
-
-    def __init__(self) -> None:
-        self._flag = threading.Event()
-        self.is_set = self._flag.is_set
-
-    def cancel(self) -> None:
-        self._flag.set()
 
 
 class BatchedEngine:
@@ -143,7 +133,7 @@ class BatchedEngine:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def submit(self, request: Request, sink: EventSink) -> _Cancel:
+    def submit(self, request: Request, sink: EventSink) -> CancelFlag:
         if isinstance(request, EmbeddingRequest):
             raise InvalidRequest(
                 f"model {self.model.cfg.name!r} generates text; it has no embeddings",
@@ -151,7 +141,7 @@ class BatchedEngine:
             )
         # Built once here so a grammar that does not parse is the caller's 400, not a failed step.
         self._lib.llama_sampler_free(sampler_chain(request, 0, self.model))
-        handle = _Cancel()
+        handle = CancelFlag()
         seed = (
             request.sampling.seed if request.sampling.seed is not None else random.getrandbits(31)
         )

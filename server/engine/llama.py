@@ -27,6 +27,7 @@ from llama_cpp.llama_grammar import LlamaGrammar
 from server.engine import binding
 from server.engine.base import (
     CacheStats,
+    CancelFlag,
     Delta,
     EmbeddingRequest,
     End,
@@ -52,15 +53,6 @@ from server.errors import InvalidRequest, ModelUnavailable
 from server.registry import ModelConfig
 
 log = logging.getLogger(__name__)
-
-
-class _Cancel:
-    def __init__(self) -> None:
-        self._flag = threading.Event()
-        self.is_set = self._flag.is_set
-
-    def cancel(self) -> None:
-        self._flag.set()
 
 
 class LlamaEngine:
@@ -109,7 +101,9 @@ class LlamaEngine:
             self.model.n_layer,
             llama_cpp.llama_supports_gpu_offload(),
         )
-        self._jobs: queue.Queue[tuple[GenerationRequest, EventSink, _Cancel] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[GenerationRequest, EventSink, CancelFlag] | None] = (
+            queue.Queue()
+        )
         self._thread = threading.Thread(target=self._run, name=f"decode-{cfg.name}", daemon=True)
         self._thread.start()
         log.info(
@@ -127,7 +121,7 @@ class LlamaEngine:
             self._draft.cfg.name if self._draft else "none",
         )
 
-    def submit(self, request: Request, sink: EventSink) -> _Cancel:
+    def submit(self, request: Request, sink: EventSink) -> CancelFlag:
         if isinstance(request, EmbeddingRequest):
             raise InvalidRequest(
                 f"model {self.cfg.name!r} generates text; it has no embeddings", param="model"
@@ -135,7 +129,7 @@ class LlamaEngine:
         self._speculation(request)  # a bad speculation setting is the caller's 400
         # Parsed once here so a grammar that does not parse is the caller's 400.
         self._lib.llama_sampler_free(sampler_chain(request, 0, self.model))
-        handle = _Cancel()
+        handle = CancelFlag()
         self._jobs.put((request, sink, handle))
         return handle
 
