@@ -307,7 +307,7 @@ def test_openai_batch_single_base64_and_token_ids_agree(
         ({"input": []}, "input"),
         ({"input": "word " * 600}, "input"),
         ({"input": [101, 99999]}, "input"),
-        ({"input": ["ok", 3]}, "input"),
+        ({"input": ["ok", 3]}, "input.1"),  # the element at fault
         ({"input": "x", "dimensions": 128}, "dimensions"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
         ({"input": "x", "model": "smollm2-135m"}, "model"),

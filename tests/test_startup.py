@@ -82,12 +82,15 @@ def test_a_broken_lazy_model_does_not_stop_the_server(tmp_path, model_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "server.cli", "serve", "--models-file", str(models)]
-    proc = subprocess.Popen([*cmd, "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "server.log"
+    # A file, not a pipe: nobody reads a pipe while the server runs, and a full one blocks it.
+    with log.open("w") as err:
+        proc = subprocess.Popen([*cmd, "--port", str(port)], stderr=err, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert proc.poll() is None, log.read_text()[-2000:]
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break

@@ -131,9 +131,13 @@ def test_logit_bias_bans_and_forces_a_token(openai_client, vocab):
 
 
 def test_logit_bias_out_of_range_is_a_400(client):
-    for bias in ({"49152000": 5}, {"12": 101}, {"x": 1}):
+    for bias, param in (
+        ({"49152000": 5}, "logit_bias"),
+        ({"12": 101}, "logit_bias.12"),
+        ({"x": 1}, "logit_bias"),
+    ):
         r = client.post("/v1/completions", json={"prompt": "x", "logit_bias": bias})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_ignore_eos_runs_to_max_tokens(client):

@@ -14,9 +14,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from server.errors import CodeserveError
 
@@ -136,6 +139,10 @@ def install(
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route matching the path only; a path
+            # served by several routes (GET and DELETE of one resource) allows all of theirs.
+            headers = {**(headers or {}), "Allow": ", ".join(_methods_for(app, request.scope))}
         err = ApiError(exc.status_code, str(exc.detail), type_, headers=headers)
         return respond(request, err)
 
@@ -145,6 +152,15 @@ def install(
         return respond(request, ApiError.unexpected(exc))
 
     return respond_path
+
+
+def _methods_for(app: FastAPI, scope: Scope) -> list[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "GET"})
+        if match != Match.NONE and isinstance(route, Route | APIRoute) and route.methods:
+            methods |= route.methods
+    return sorted(methods)
 
 
 def document(

@@ -52,7 +52,20 @@ def _check_ids(worker: ModelWorker, ids: list[int], param: str) -> None:
         raise InvalidRequest(f"{param} token ids must be in [0, {n_vocab})", param=param)
 
 
-@router.post("/completion", response_model=None)
+# Both answers as llama-server gives them: one JSON object (an array with several candidates), or
+# with `stream: true` server-sent `data: {...}` events.
+_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events of chunks",
+        "content": {
+            "application/json": {"schema": {"type": ["object", "array"]}},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+@router.post("/completion", response_model=None, responses=_ANSWERS)
 @router.post("/completions", response_model=None, include_in_schema=False)
 async def completion(body: CompletionRequest, request: Request) -> Answer:
     worker = await relay.model_worker(request, body.model)
@@ -66,7 +79,7 @@ async def completion(body: CompletionRequest, request: Request) -> Answer:
     return await generate(worker, body, prompt, request, "llamacpp-completion")
 
 
-@router.post("/infill", response_model=None)
+@router.post("/infill", response_model=None, responses=_ANSWERS)
 async def infill(body: InfillRequest, request: Request) -> Answer:
     worker = await relay.model_worker(request, body.model)
     # llama-server appends `prompt` to the prefix, so it survives any trimming of the prefix.
