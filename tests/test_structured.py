@@ -134,7 +134,7 @@ def test_logit_bias_out_of_range_is_a_400(client):
     for bias, param in (
         ({"49152000": 5}, "logit_bias"),
         ({"12": 101}, "logit_bias.12"),
-        ({"x": 1}, "logit_bias"),
+        ({"x": 1}, "logit_bias.x"),
     ):
         r = client.post("/v1/completions", json={"prompt": "x", "logit_bias": bias})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
