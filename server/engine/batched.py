@@ -207,7 +207,8 @@ class BatchedEngine:
         # Keep at least one prompt token to evaluate: its logits start every choice. A seeded
         # request starts cold for reproducible text (logits depend on how a prompt was batched).
         keep = 0 if cold else min(common_prefix(primary.tokens, prompt), len(prompt) - 1)
-        if self.prompt_cache.worth_saving(primary.tokens[keep:]):
+        cut = primary.tokens[keep:]
+        if self.prompt_cache.worth_saving(cut) and not self.prompt_cache.holds(primary.tokens):
             # The slot's cache is about to be cut short: keep the whole of it in host RAM.
             self.prompt_cache.put(primary.tokens, self._ctx.save_seq(primary.seq_id))
         self._ctx.seq_rm(primary.seq_id, keep, -1)
@@ -245,7 +246,8 @@ class BatchedEngine:
 
     def _drop_cache(self, slot: Slot) -> None:
         """Free a slot's KV cells, keeping its state in host RAM when it is worth it."""
-        if slot.tokens and self.prompt_cache.worth_saving(slot.tokens):
+        cache = self.prompt_cache
+        if cache.worth_saving(slot.tokens) and not cache.holds(slot.tokens):
             self.prompt_cache.put(slot.tokens, self._ctx.save_seq(slot.seq_id))
         self._ctx.seq_rm(slot.seq_id, -1, -1)
         slot.tokens = []

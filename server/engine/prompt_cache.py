@@ -40,6 +40,10 @@ class PromptCache:
     def worth_saving(self, tokens: Sequence[int]) -> bool:
         return self.max_bytes > 0 and len(tokens) >= MIN_REUSE
 
+    def holds(self, tokens: Sequence[int]) -> bool:
+        """Whether exactly this sequence is saved already (a restored one, say)."""
+        return tuple(tokens) in self._entries
+
     def put(self, tokens: Sequence[int], state: bytes) -> None:
         """Keep a state; entries it extends (their tokens are its prefix) are dropped."""
         key = tuple(tokens)
