@@ -92,6 +92,7 @@ def test_every_route_keeps_its_documented_promises(server: LiveServer, mode: Gen
             max_examples=MAX_EXAMPLES,
             deadline=None,
             database=None,
+            derandomize=True,  # the same examples every run: CI fails only on a real change
             phases=[Phase.explicit, Phase.generate],  # no shrinking: the report shows the case
             suppress_health_check=list(HealthCheck),
         )

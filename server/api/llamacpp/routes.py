@@ -59,7 +59,13 @@ _ANSWERS: dict[int | str, dict[str, Any]] = {
         "description": "The completion; with `stream: true`, server-sent events of chunks",
         "content": {
             "application/json": {"schema": {"type": ["object", "array"]}},
-            "text/event-stream": {"schema": {"type": "string"}},
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"data": {"type": "string", "description": "a JSON chunk"}},
+                }
+            },
         },
     }
 }
