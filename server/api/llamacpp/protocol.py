@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from server.api.wire import StrictRequest
 
 MAX_STOP = 64
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Request(StrictRequest):
+    """Strict like the other dialects: `add_special: 0.0` is not a boolean."""
 
 
 class GenerationFields(_Request):

@@ -18,13 +18,13 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
 
+from server.api.wire import StrictRequest as _Request
 from server.errors import Unsupported
 from server.keepalive import KeepAlive
 
@@ -45,30 +45,6 @@ def _valid_unicode(v: str) -> str:
 
 # Every string that reaches a tokenizer, a template or a log goes through this type.
 Text = Annotated[str, AfterValidator(_valid_unicode)]
-
-
-def _whole_numbers(v: Any) -> Any:
-    """JSON has one number type: 1.0 is the integer 1 (JSON Schema's "integer" says the same).
-
-    Strict validation would refuse it for an int field; a float field takes the int as it is.
-    """
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, list):
-        return [_whole_numbers(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _whole_numbers(x) for k, x in v.items()}
-    return v
-
-
-class _Request(BaseModel):
-    # Strict: true, "7" and 1.5 are not integers, 1 and "yes" not booleans.
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _json_numbers(cls, data: Any) -> Any:
-        return _whole_numbers(data)
 
 
 class StreamOptions(_Request):
