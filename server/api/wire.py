@@ -21,6 +21,15 @@ def _whole_numbers(v: Any) -> Any:
     return v
 
 
+def one_prompt(v: Any) -> Any:
+    """A one-element batch of prompts is that prompt; local clients send one prompt a request."""
+    if isinstance(v, list) and v and isinstance(v[0], str | list):
+        if len(v) != 1:
+            raise ValueError("only one prompt per request is supported; send one request each")
+        return v[0]
+    return v
+
+
 class StrictRequest(BaseModel):
     # Strict: true, "7" and 1.5 are not integers, 1 and "yes" not booleans.
     model_config = ConfigDict(extra="ignore", strict=True)

@@ -62,31 +62,23 @@ class BatchedEngine:
         self.model = model
         self.capacity = slots
         self._prefill_chunk = prefill_chunk
-        threads = cfg.n_threads or available_cores()
-        kv_type = ggml_kv_type(cfg.kv_cache)
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = cfg.n_ctx * slots  # each sequence gets its own n_ctx cells
-        params.n_batch = params.n_ubatch = max(cfg.n_batch, slots)
-        params.n_seq_max = slots
-        # One KV buffer for all sequences. Per-sequence streams would keep attention from scanning
-        # the others' cells, but measured on SmolLM2 F16 (2 cores) their steps cost ~1.5x as much
-        # once slots are reused and whenever fewer than all slots decode (bench/results/).
-        params.kv_unified = True
-        params.n_threads = params.n_threads_batch = threads
-        params.type_k = params.type_v = kv_type
-        params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if cfg.flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        self._n_batch = max(cfg.n_batch, slots)
         try:
-            self._ctx = BatchContext(model.weights, params, params.n_batch)
+            # Each sequence gets its own n_ctx cells of one unified KV buffer (see BatchContext).
+            self._ctx = BatchContext(
+                model.weights,
+                n_ctx=cfg.n_ctx * slots,
+                n_seq=slots,
+                n_batch=self._n_batch,
+                threads=cfg.n_threads or available_cores(),
+                kv_type=ggml_kv_type(cfg.kv_cache),
+                flash_attn=cfg.flash_attn,
+            )
         except ValueError as e:
             raise ModelUnavailable(
                 f"model {cfg.name!r}: llama.cpp could not create a {slots}-sequence context of "
                 f"{cfg.n_ctx} tokens each: {e}"
             ) from e
-        self._n_batch = params.n_batch
         self._n_vocab = model.n_vocab
         self.prompt_cache = PromptCache(prompt_cache_mb << 20)
         self.info = dataclasses.replace(

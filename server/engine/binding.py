@@ -100,10 +100,35 @@ def close_weights(weights: Any) -> None:
 class BatchContext:
     """A llama.cpp context that decodes many sequences in one batch (unified KV buffer)."""
 
-    def __init__(self, weights: Any, params: Any, n_batch: int):
+    def __init__(
+        self,
+        weights: Any,
+        *,
+        n_ctx: int,
+        n_seq: int,
+        n_batch: int,
+        threads: int,
+        kv_type: int,
+        flash_attn: bool,
+    ):
         import llama_cpp
         from llama_cpp import _internals
 
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = n_seq
+        # One KV buffer for all sequences. Per-sequence streams would keep attention from scanning
+        # the others' cells, but measured on SmolLM2 F16 (2 cores) their steps cost ~1.5x as much
+        # once slots are reused and whenever fewer than all slots decode (bench/results/).
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = threads
+        params.type_k = params.type_v = kv_type
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         self._lib = llama_cpp
         self._ctx = _internals.LlamaContext(model=weights, params=params, verbose=False)
         self.ptr = self._ctx.ctx

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from server.api.wire import StrictRequest
+from server.api.wire import StrictRequest, one_prompt
 
 MAX_STOP = 64
 
@@ -93,11 +93,7 @@ class CompletionRequest(GenerationFields):
     @field_validator("prompt", mode="before")
     @classmethod
     def _one_prompt(cls, v: Any) -> Any:
-        if isinstance(v, list) and v and isinstance(v[0], str | list):
-            if len(v) != 1:
-                raise ValueError("only one prompt per request is supported; send one request each")
-            return v[0]
-        return v
+        return one_prompt(v)
 
 
 class ExtraChunk(_Request):

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from server.api.wire import StrictRequest as _Request
+from server.api.wire import one_prompt
 from server.errors import Unsupported
 from server.keepalive import KeepAlive
 
@@ -208,12 +209,7 @@ class CompletionRequest(_SamplingFields, _FimFields, _ConstraintFields):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v: Any) -> Any:
-        # OpenAI also accepts a batch of prompts; one prompt per request is what local clients send.
-        if isinstance(v, list) and v and isinstance(v[0], str | list):
-            if len(v) != 1:
-                raise ValueError("only one prompt per request is supported; send one request each")
-            return v[0]
-        return v
+        return one_prompt(v)  # OpenAI also accepts a batch of prompts
 
 
 class FimCompletionRequest(_SamplingFields, _FimFields):
