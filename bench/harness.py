@@ -167,16 +167,14 @@ def find_llama_server(explicit: str | None) -> str | None:
     return explicit or os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
 
 
-@contextmanager
-def llama_server(t: Target, binary: str, slots: int = 8) -> Iterator[str]:
-    port = free_port()
-    # Each of the `slots` parallel sequences gets the same context as the single-slot servers.
-    cmd = [
-        binary,
+def llama_server_args(t: Target, slots: int = 8) -> list[str]:
+    """llama-server's flags (after the binary). Each of the `slots` parallel sequences gets the
+    same context as the single-slot servers. No prompt-cache flag is passed: the prompt cache
+    (``cache_prompt``), its host-RAM store (``--cache-ram``), saving idle slots to it and chunk
+    reuse (``--cache-reuse``, off) stay at llama-server's defaults, as a user gets them."""
+    return [
         "-m",
         str(t.path),
-        "--port",
-        str(port),
         "-c",
         str(t.n_ctx * slots),
         "-np",
@@ -195,6 +193,12 @@ def llama_server(t: Target, binary: str, slots: int = 8) -> Iterator[str]:
         "on" if t.flash_attn else "off",
         "--no-webui",
     ]
+
+
+@contextmanager
+def llama_server(t: Target, binary: str, slots: int = 8) -> Iterator[str]:
+    port = free_port()
+    cmd = [binary, *llama_server_args(t, slots), "--port", str(port)]
     with _process(cmd, f"http://127.0.0.1:{port}", "/health", "llama-server") as url:
         yield url
 

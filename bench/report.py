@@ -89,6 +89,7 @@ def markdown(rep: dict) -> str:
         f"ceiling is ≈{lim['decode_tok_s_limit']:.0f} tokens/s; codeserve decodes at "
         f"{lim['codeserve_fraction'] * 100:.0f}% of it.",
     ]
+    lines += _session_figures(rep)
     if rep.get("candidates"):
         c = rep["candidates"]
         lines += [
@@ -108,6 +109,29 @@ def markdown(rep: dict) -> str:
                 f"| {name} | {_fmt(v['decode_tok_s'])} | {_fmt(v.get('rewrite_decode_tok_s'))} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _session_figures(rep: dict) -> list[str]:
+    """The editor trace and the round robin of short prompts, when the report has them."""
+    from bench import editor_trace, round_robin  # they use this module's formatting
+
+    lines = []
+    if rep.get("editor_trace"):
+        e = rep["editor_trace"]
+        lines += ["", editor_trace.markdown(e["figures"], e["meta"]).rstrip("\n")]
+    if rep.get("round_robin"):
+        r = rep["round_robin"]
+        lines += ["", round_robin.markdown(r["figures"], r["meta"]["prompts"], r["meta"]["laps"])]
+        lines[-1] = lines[-1].rstrip("\n")
+    if rep.get("llama_server_flags"):
+        flags = [Path(f).name if f.endswith(".gguf") else f for f in rep["llama_server_flags"]]
+        lines += [
+            "",
+            f"llama-server's flags: `{' '.join(flags)}`. No prompt-cache flag: its prompt "
+            "cache, host-RAM cache (`--cache-ram`) and chunk reuse (`--cache-reuse`, off) are "
+            "at its defaults, as a user gets them.",
+        ]
+    return lines
 
 
 def plot(rep: dict, path: Path) -> None:

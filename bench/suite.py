@@ -13,14 +13,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench import client, machine, workloads
+from bench import client, editor_trace, machine, round_robin, workloads
 from bench.contention import busy_load
-from bench.harness import Target, percentile, servers, summary
+from bench.harness import Target, llama_server_args, percentile, servers, summary
 from bench.raw import RawLlama
 
 PEERS = ("codeserve", "codeserve-simple", "raw", "llama-cpp-python", "llama-server")
 # A trivial endpoint per peer, for the client's overhead check.
 TRIVIAL = {"llama-cpp-python": "/v1/models"}
+# Peers serving llama-server's /completion and /tokenize, which the editor trace sends.
+EDITOR_PEERS = ("codeserve", "codeserve-simple", "llama-server")
 
 
 @dataclass
@@ -35,6 +37,10 @@ class Plan:
     concurrency_tokens: int = 128
     candidates: int = 50  # n for "sample many candidates for one problem"
     contention: int = 0  # busy-loop processes running through the whole measurement
+    editor_rounds: int = 4  # laps over the editor trace's five files
+    editor_file_tokens: int = 1300
+    editor_tokens: int = 16
+    round_robin_laps: int = 4  # laps over the short autocomplete/FIM prompts
 
     @classmethod
     def quick(cls) -> Plan:
@@ -48,6 +54,10 @@ class Plan:
             requests_per_stream=1,
             concurrency_tokens=16,
             candidates=4,
+            editor_rounds=2,
+            editor_file_tokens=200,
+            editor_tokens=4,
+            round_robin_laps=2,
         )
 
 
@@ -72,7 +82,9 @@ def run_suite(
     raw = RawLlama(t) if "raw" in peers else None
     res = Results()
     problems = workloads.humaneval()[: plan.humaneval_problems]
+    editor_peers = [p for p in http_peers if p in EDITOR_PEERS]
     steps = plan.rounds * (len(peers) + len(plan.concurrency) * len(http_peers))
+    steps += plan.editor_rounds * 5 * len(editor_peers) + plan.round_robin_laps * len(http_peers)
     bar = tqdm(total=steps, desc="bench", unit="run", file=sys.stderr)
     with (
         servers(t, http_peers, llama_server_bin, variants) as urls,
@@ -89,6 +101,27 @@ def run_suite(
                 run = raw.stream if peer == "raw" else _http(urls[peer], t.name)
                 _single_stream(run, peer, plan, problems, res, raw_tokenizer(t), r)
                 bar.update()
+        bar.set_postfix_str("editor trace")
+        editor = (
+            editor_trace.measure(
+                {p: urls[p] for p in editor_peers},
+                t.name,
+                plan.editor_rounds,
+                plan.editor_file_tokens,
+                plan.editor_tokens,
+                step=bar.update,
+            )
+            if editor_peers
+            else None
+        )
+        bar.set_postfix_str("round robin")
+        rr = round_robin.measure(
+            {p: urls[p] for p in http_peers},
+            t.name,
+            plan.round_robin_laps,
+            plan.autocomplete_tokens,
+            step=bar.update,
+        )
         for r in range(plan.rounds):
             for c in plan.concurrency:
                 for peer in http_peers[r % len(http_peers) :] + http_peers[: r % len(http_peers)]:
@@ -113,6 +146,10 @@ def run_suite(
     bar.close()
     rep = _report(t, peers, plan, res, variant_figures)
     rep["candidates"] = candidates
+    rep["editor_trace"] = editor
+    rep["round_robin"] = rr
+    if "llama-server" in peers:
+        rep["llama_server_flags"] = llama_server_args(t)
     rep["client_overhead"] = overhead
     return rep
 

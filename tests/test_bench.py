@@ -76,7 +76,12 @@ def test_quick_bench_writes_its_report(tmp_path):
     assert rep["ratios_codeserve_over"]["raw"]["decode_tok_s"] > 0
     assert rep["physical_limit"]["memory_bandwidth_gbs"] > 0
     assert report.with_suffix(".png").stat().st_size > 1000
-    assert "| decode tokens/s" in report.with_suffix(".md").read_text()
+    md = report.with_suffix(".md").read_text()
+    assert "| decode tokens/s" in md
+    # The editor trace and the round robin of short prompts, on codeserve (raw serves no HTTP).
+    assert rep["editor_trace"]["figures"]["codeserve"]["return_ms"]["median"] > 0
+    assert rep["round_robin"]["figures"]["codeserve"]["ttft_ms"]["median"] > 0
+    assert "| return / warm (issue #13: ≤ 2) |" in md and "round robin" in md
 
 
 def test_client_overhead_is_checked(server):
