@@ -166,12 +166,13 @@ def make_trace(files: list[str], rounds: int, seed: int = 0) -> list[Visit]:
             top = r > 0 and rng.random() < TOP_EDIT_SHARE  # a first visit types at the cursor
             if top:
                 at = rng.randint(1, min(TOP_LINES, len(lines) - 1))
-                new = rng.choice(IMPORTS)
-                cursor = cursors[i] + (op == "insert")
+                new = rng.choice([x for x in IMPORTS if x != lines[at]])
+                cursor = cursors[i] + (op == "insert" and at <= cursors[i])
             else:
                 lo, hi = TOP_LINES + 1, len(lines) - 2
                 at = min(max(cursors[i] + rng.randint(-CURSOR_DRIFT, CURSOR_DRIFT), lo), hi)
-                new = _indent(lines, at) + rng.choice(TYPED)
+                indent = _indent(lines, at)
+                new = indent + rng.choice([x for x in TYPED if indent + x != lines[at]])
                 cursor = at
             if op == "insert":
                 lines.insert(at, new)

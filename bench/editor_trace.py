@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import client
 from bench.editor_session import (
     FILE_TOKENS,
     N_FILES,
@@ -37,12 +38,12 @@ from bench.editor_session import (
     make_trace,
     source_files,
 )
+from bench.harness import summary
 from bench.report import _fmt
 
 
 def server_tokens(url: str, model: str | None) -> Callable[[str], int]:
     """Token counts from a server's ``/tokenize`` (both peers serve it, special tokens parsed)."""
-    from bench import client
 
     def count(text: str) -> int:
         body = {"content": text, **({"model": model} if model else {})}
@@ -61,8 +62,6 @@ def pick_template(count: Callable[[str], int]) -> Template:
 
 def _send(url: str, model: str | None, fim: Fim, template: Template, tokens: int) -> dict:
     """One Continue-shaped request: TTFT from the wire, and the server's own prompt counts."""
-    from bench import client
-
     timings: dict = {}
 
     def text_of(line: bytes) -> tuple[str, dict | None]:
@@ -120,8 +119,6 @@ def run(
 def summarise(records: list[dict]) -> dict[str, dict]:
     """Per peer: TTFT summaries for cold / return (all, local edits, top edits) / warm, the
     return/warm ratio of medians, and median prompt tokens evaluated (not from cache) per kind."""
-    from bench.harness import summary
-
     groups = {
         "cold_ms": lambda r: r["kind"] == "cold",
         "return_ms": lambda r: r["kind"] == "return",
@@ -220,8 +217,6 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench import client
-
     ap = argparse.ArgumentParser(prog="python -m bench.editor_trace", description=__doc__)
     ap.add_argument("--url", required=True, help="a running server (codeserve or llama-server)")
     ap.add_argument("--url2", help="a second server, measured interleaved with the first")
