@@ -40,6 +40,7 @@ class Plan:
     editor_rounds: int = 4  # laps over the editor trace's five files
     editor_file_tokens: int = 1300
     editor_tokens: int = 16
+    editor_visits: int | None = None  # only the first N visits (None: every round's)
     round_robin_laps: int = 4  # laps over the short autocomplete/FIM prompts
 
     @classmethod
@@ -55,8 +56,9 @@ class Plan:
             concurrency_tokens=16,
             candidates=4,
             editor_rounds=2,
-            editor_file_tokens=200,
-            editor_tokens=4,
+            editor_file_tokens=120,
+            editor_tokens=1,
+            editor_visits=6,  # each file once, then one return
             round_robin_laps=2,
         )
 
@@ -84,7 +86,8 @@ def run_suite(
     problems = workloads.humaneval()[: plan.humaneval_problems]
     editor_peers = [p for p in http_peers if p in EDITOR_PEERS]
     steps = plan.rounds * (len(peers) + len(plan.concurrency) * len(http_peers))
-    steps += plan.editor_rounds * 5 * len(editor_peers) + plan.round_robin_laps * len(http_peers)
+    visits = min(plan.editor_rounds * 5, plan.editor_visits or plan.editor_rounds * 5)
+    steps += visits * len(editor_peers) + plan.round_robin_laps * len(http_peers)
     bar = tqdm(total=steps, desc="bench", unit="run", file=sys.stderr)
     with (
         servers(t, http_peers, llama_server_bin, variants) as urls,
@@ -110,6 +113,7 @@ def run_suite(
                 plan.editor_file_tokens,
                 plan.editor_tokens,
                 step=bar.update,
+                visits=plan.editor_visits,
             )
             if editor_peers
             else None
