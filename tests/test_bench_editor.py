@@ -143,3 +143,39 @@ def test_round_robin_against_codeserve(server):
     laps = out["laps"]["codeserve"]
     assert len(laps) == 2 and all(len(lap) == 8 for lap in laps)
     assert out["figures"]["codeserve"]["ttft_ms"]["median"] > 0
+
+
+def test_llama_server_keeps_its_default_prompt_cache(tmp_path):
+    from bench.harness import Target, llama_server_args
+
+    args = llama_server_args(Target("m", tmp_path / "m.gguf", 4096, 2))
+    cache_flags = {"--cache-ram", "-cram", "--cache-reuse", "--no-cache-prompt", "--cache-prompt"}
+    assert not cache_flags & set(args)
+    assert args[args.index("-np") + 1] == "8" and args[args.index("-c") + 1] == str(8 * 4096)
+
+
+def test_report_shows_the_session_workloads():
+    from bench import report
+
+    figures = editor_trace.summarise(
+        [
+            {"peer": "codeserve", "kind": k, "edit": "local", "ttft_ms": ms}
+            | {"prompt_n": 5, "cache_n": 95}
+            for k, ms in (("cold", 90.0), ("return", 12.0), ("warm", 8.0))
+        ]
+    )
+    rep = {
+        "editor_trace": {
+            "figures": figures,
+            "meta": {"files": 5, "prompt_tokens": 100, "rounds": 2, "tokens": 4},
+        },
+        "round_robin": {
+            "figures": round_robin.summarise({"codeserve": [[9.0], [3.0]]}),
+            "meta": {"prompts": 8, "laps": 2},
+        },
+        "llama_server_flags": ["-m", "/models/x/m.gguf", "-np", "8"],
+    }
+    md = "\n".join(report._session_figures(rep))
+    assert "| return / warm (issue #13: ≤ 2) | 1.50 |" in md
+    assert "| codeserve | 3.0 | 9.0 |" in md
+    assert "`-m m.gguf -np 8`" in md and "No prompt-cache flag" in md
