@@ -163,8 +163,9 @@ def markdown(figures: dict[str, dict], meta: dict) -> str:
     lines = [
         f"Editor trace: {meta['files']} files of ~{meta['prompt_tokens']:.0f} tokens, "
         f"{meta['rounds']} rounds, one edit per visit, Continue-shaped `/completion` FIM "
-        f"requests ({meta['tokens']} tokens). Time to first token, ms, median (min–max); "
-        "in brackets after the peer, prompt tokens evaluated (median, not from cache).",
+        f"requests, `n_predict` {meta['tokens']}. Time to first token, ms, median (min–max); "
+        "in square brackets, the prompt tokens the server evaluated (median; the rest came "
+        "from its cache).",
         "",
         "| figure | " + " | ".join(peers) + " |",
         "|---|" + "---|" * len(peers),
