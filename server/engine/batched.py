@@ -31,17 +31,15 @@ from server.engine.base import (
     EventSink,
     Finished,
     FinishReason,
-    GenerationRequest,
     Request,
     Timings,
     TokenLogprob,
     available_cores,
     ggml_kv_type,
 )
-from server.engine.batch_drafts import Candidate, SequenceDrafts, plan_drafts
+from server.engine.batch_speculation import BatchSpeculation
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
-from server.engine.costmodel import CostModel, calibrate
 from server.engine.model import Model
 from server.engine.prompt_cache import PromptCache
 from server.engine.sampling import common_prefix, logprob_entry, sampler_chain
@@ -90,12 +88,12 @@ class BatchedEngine:
             prompt_cache_bytes=self.prompt_cache.max_bytes,
         )
         self.kv_cells = cfg.n_ctx * slots
+        self._speculation = BatchSpeculation(model, self._ctx, self._n_batch)
         self._slots = [Slot(i) for i in range(slots)]
         self._incoming: list[Group] = []
         self._groups: list[Group] = []
         self._wake = threading.Condition()
         self._closed = False
-        self._cost: CostModel | None = None  # measured at the first speculative request
         self._thread = threading.Thread(target=self._loop, name=f"decode-{cfg.name}", daemon=True)
         self._thread.start()
         log.info(
@@ -137,7 +135,7 @@ class BatchedEngine:
             )
         # Built once here so a grammar that does not parse is the caller's 400, not a failed step.
         self._lib.llama_sampler_free(sampler_chain(request, 0, self.model))
-        self._draft_limit(request)  # a speculation mode this engine lacks is the caller's 400
+        self._speculation.limit(request)  # a mode this engine lacks is the caller's 400
         handle = CancelFlag()
         seed = (
             request.sampling.seed if request.sampling.seed is not None else random.getrandbits(31)
@@ -273,92 +271,9 @@ class BatchedEngine:
             TextReleaser(g.req.stop),
             state=state,
         )
-        k_max = self._draft_limit(g.req)
-        if k_max and self._calibrated(slot):
-            assert self._cost is not None
-            choice.drafts = SequenceDrafts.start(self._cost, k_max, g.req.prompt)
+        self._speculation.start(choice)
         g.choices.append(choice)
         g.next_index += 1
-
-    # -- speculation ----------------------------------------------------------------------------
-
-    def _draft_limit(self, req: GenerationRequest) -> int:
-        """Most tokens a request's sequences may draft per step (0: it decodes plainly).
-
-        Only greedy output is verified: a sampled token rarely equals a draft, and a seeded
-        request promises the text of plain sampling. Grammars, biases and penalties are fine:
-        the sampler walks the verify rows as it would walk plain steps."""
-        mode = req.speculation.mode or self.model.cfg.speculative_mode
-        if mode == "draft" and req.speculation.mode == "draft":
-            raise InvalidRequest(
-                f"model {self.model.cfg.name!r} is served by the batched engine, which drafts "
-                'with prompt lookup only: use speculative = "prompt_lookup", or serve it with '
-                "--engine simple to decode with its draft model",
-                param="speculative",
-            )
-        if mode != "prompt_lookup" or req.sampling.temperature != 0 or req.max_tokens <= 1:
-            return 0
-        return req.speculation.max_draft or self.model.cfg.draft_max
-
-    def _calibrated(self, slot: Slot) -> bool:
-        """Measure once what a step over n tokens costs (the cost model), in ``slot``'s
-        sequence past its cached tokens; False while there is no room there to do it."""
-        if self._cost is not None:
-            return True
-        sizes = tuple(n for n in (1, 2, 3, 5, 9, 17, 33, 65) if n <= self._n_batch)
-        base = len(slot.tokens)
-        if base + sizes[-1] >= self.model.cfg.n_ctx:
-            return False
-        filler = max(self.model.info.bos_id or 0, 0)
-
-        def decode(n: int) -> None:
-            self._ctx.decode([(filler, base + i, slot.seq_id, True) for i in range(n)])
-            self._ctx.seq_rm(slot.seq_id, base, -1)
-
-        step, verify, _ = calibrate(decode, sizes)
-        self._cost = CostModel(step, verify)
-        log.info("%s: speculation cost model: %s", self.model.cfg.name, self._cost.describe())
-        return True
-
-    def _add_drafts(
-        self, decoding: list[Choice], entries: list[tuple[int, int, int, bool]], prefill: int
-    ) -> dict[Choice, list[int]]:
-        """Drafts for the speculating sequences among ``decoding``, appended to ``entries``
-        (their rows follow each other); the drafts of each choice that got any."""
-        drafting = [c for c in decoding if c.drafts is not None]
-        if not drafting or self._cost is None:
-            return {}
-        n_ctx = self.model.cfg.n_ctx
-        candidates = []
-        for c in drafting:
-            assert c.drafts is not None
-            alpha = c.drafts.candidate()
-            room = min(
-                c.drafts.k_max,
-                c.group.req.max_tokens - c.completion - 1,
-                n_ctx - len(c.slot.tokens) - 2,
-            )
-            candidates.append(Candidate(alpha or 0.0, room if alpha is not None else 0))
-        budget = self._n_batch - len(entries)
-        if self.model.cfg.draft_adaptive:
-            ks = plan_drafts(self._cost, len(entries) + prefill, len(decoding), candidates, budget)
-        else:  # a fixed K: every sequence drafts as much as it may
-            ks = []
-            for cand in candidates:
-                ks.append(max(0, min(cand.room, budget)))
-                budget -= ks[-1]
-        out: dict[Choice, list[int]] = {}
-        for c, k in zip(drafting, ks, strict=True):
-            if k <= 0:
-                continue
-            assert c.drafts is not None
-            drafts = c.drafts.propose(k)
-            if not drafts:
-                continue
-            pos = len(c.slot.tokens) + 1  # the pending token c.last goes at len(tokens)
-            entries.extend((t, pos + i, c.slot.seq_id, True) for i, t in enumerate(drafts))
-            out[c] = drafts
-        return out
 
     def _verify(self, c: Choice, row: int, draft_rows: int, drafts: list[int]) -> None:
         """Walk the verify rows: ``row`` (after the pending token) then ``draft_rows``...
@@ -402,7 +317,7 @@ class BatchedEngine:
                     entries.append((prompt[-1], len(prompt) - 1, c.slot.seq_id, True))
         prefill = min(sum(len(g.pending) for g in live), self._prefill_chunk)
         first_draft = len(entries)
-        drafts = self._add_drafts(decoding, entries, prefill if entries else 0)
+        drafts = self._speculation.add_drafts(decoding, entries, prefill if entries else 0)
         budget = self._n_batch - len(entries)
         if len(entries) > 0:
             budget = min(budget, self._prefill_chunk)  # keep the others' next token coming
