@@ -226,7 +226,7 @@ def install(probe: Probe, worker: Any) -> Installed:
     class TimedSSE(EventSourceResponse):
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             async def timed_send(message: Any) -> None:
-                k = probe.current if message.get("more_body") else None
+                k = probe.current if _frame(message) else None
                 probe.mark("sse_send", k)
                 await send(message)
 
@@ -234,6 +234,11 @@ def install(probe: Probe, worker: Any) -> Installed:
 
     done.replace(streaming, "EventSourceResponse", TimedSSE)
     return done
+
+
+def _frame(message: Any) -> bool:
+    """A body chunk carrying a JSON event: not the head, a keep-alive ping or the end."""
+    return bool(message.get("more_body")) and message.get("body", b"").startswith(b"data: {")
 
 
 class OuterSend:
@@ -254,7 +259,7 @@ class OuterSend:
             cycle.transport = TimedTransport(cycle.transport, probe)
 
         async def timed_send(message: Any) -> None:
-            k = probe.current if message.get("more_body") else None
+            k = probe.current if _frame(message) else None
             probe.mark("asgi_send", k)
             await send(message)
             probe.mark("asgi_sent", k)
@@ -273,7 +278,8 @@ class TimedTransport:
         return getattr(self._transport, name)
 
     def write(self, data: bytes) -> None:
-        k = self._probe.current
+        # h11 writes a chunk as "<size>\r\n<frame>\r\n"
+        k = self._probe.current if data.find(b"\r\ndata: {", 0, 24) >= 0 else None
         self._probe.mark("wire", k)
         self._transport.write(data)
         self._probe.mark("written", k)
