@@ -37,6 +37,7 @@ from server.engine.base import (
     available_cores,
     ggml_kv_type,
 )
+from server.engine.batch_speculation import BatchSpeculation
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
 from server.engine.model import Model
@@ -87,6 +88,7 @@ class BatchedEngine:
             prompt_cache_bytes=self.prompt_cache.max_bytes,
         )
         self.kv_cells = cfg.n_ctx * slots
+        self._speculation = BatchSpeculation(model, self._ctx, self._n_batch)
         self._slots = [Slot(i) for i in range(slots)]
         self._incoming: list[Group] = []
         self._groups: list[Group] = []
@@ -101,10 +103,10 @@ class BatchedEngine:
             cfg.n_ctx,
             prefill_chunk,
         )
-        if cfg.speculative_mode != "off":
+        if cfg.speculative_mode == "draft":
             log.warning(
-                "%s: the batched engine decodes without speculation (it is single-stream); "
-                "serve with --engine simple (or auto) to speculate",
+                "%s: the batched engine speculates with prompt lookup only, so it decodes "
+                "without the draft model; serve with --engine simple (or auto) to use it",
                 cfg.name,
             )
 
@@ -133,6 +135,7 @@ class BatchedEngine:
             )
         # Built once here so a grammar that does not parse is the caller's 400, not a failed step.
         self._lib.llama_sampler_free(sampler_chain(request, 0, self.model))
+        self._speculation.limit(request)  # a mode this engine lacks is the caller's 400
         handle = CancelFlag()
         seed = (
             request.sampling.seed if request.sampling.seed is not None else random.getrandbits(31)
@@ -260,17 +263,36 @@ class BatchedEngine:
 
     def _new_choice(self, g: Group, slot: Slot, state: str) -> None:
         seed = (g.base_seed + g.next_index) & 0x7FFFFFFF
-        g.choices.append(
-            Choice(
-                g,
-                g.next_index,
-                slot,
-                sampler_chain(g.req, seed, self.model),
-                TextReleaser(g.req.stop),
-                state=state,
-            )
+        choice = Choice(
+            g,
+            g.next_index,
+            slot,
+            sampler_chain(g.req, seed, self.model),
+            TextReleaser(g.req.stop),
+            state=state,
         )
+        self._speculation.start(choice)
+        g.choices.append(choice)
         g.next_index += 1
+
+    def _verify(self, c: Choice, row: int, draft_rows: int, drafts: list[int]) -> None:
+        """Walk the verify rows: ``row`` (after the pending token) then ``draft_rows``...
+        (after each draft), keeping drafts while the sampler picks them; the first token it
+        picks otherwise is its own, and the cells after the kept tokens are removed."""
+        end = len(c.slot.tokens) + len(drafts)  # cells written: the pending token and drafts
+        emitted: list[int] = []
+        for j in range(len(drafts) + 1):
+            token = self._sample(c, row if j == 0 else draft_rows + j - 1)
+            emitted.append(token)
+            if c.state == "done" or j == len(drafts) or token != drafts[j]:
+                break
+            c.slot.tokens.append(token)  # an accepted draft: its cell already holds it
+        c.drafted += len(drafts)
+        c.accepted += len(emitted) - 1
+        if len(c.slot.tokens) < end:
+            self._ctx.seq_rm(c.slot.seq_id, len(c.slot.tokens), -1)
+        assert c.drafts is not None
+        c.drafts.settle(emitted)
 
     def _finish_now(self, g: Group, reason: FinishReason) -> None:
         g.send(Finished(g.next_index, reason, Timings(len(g.req.prompt), g.cached, 0, 0, 0)))
@@ -282,15 +304,20 @@ class BatchedEngine:
         owners: list[tuple[int, Choice | Group]] = []  # batch index → choice, or group
         # Checked every step: a client that left costs at most one token. Its group retires below.
         live = [g for g in self._groups if not g.cancelled()]
+        decoding: list[Choice] = []
         for g in live:
             for c in g.choices:
                 if c.state == "decode":
                     owners.append((len(entries), c))
                     entries.append((c.last, len(c.slot.tokens), c.slot.seq_id, True))
+                    decoding.append(c)
                 elif c.state == "eval_last":
                     prompt = g.req.prompt
                     owners.append((len(entries), c))
                     entries.append((prompt[-1], len(prompt) - 1, c.slot.seq_id, True))
+        prefill = min(sum(len(g.pending) for g in live), self._prefill_chunk)
+        first_draft = len(entries)
+        drafts = self._speculation.add_drafts(decoding, entries, prefill if entries else 0)
         budget = self._n_batch - len(entries)
         if len(entries) > 0:
             budget = min(budget, self._prefill_chunk)  # keep the others' next token coming
@@ -309,15 +336,25 @@ class BatchedEngine:
             budget -= len(chunk)
         if entries:
             self._ctx.decode(entries)
+            draft_row = first_draft
             for i, owner in owners:
                 if isinstance(owner, Group):
                     self._prompt_ready(owner, i)
+                    continue
+                if owner.state == "eval_last":
+                    owner.slot.tokens.append(owner.group.req.prompt[-1])
+                    self._sample_first(owner, i)
+                    continue
+                owner.slot.tokens.append(owner.last)
+                owner.passes += 1
+                mine = drafts.get(owner)
+                if mine:
+                    self._verify(owner, i, draft_row, mine)
+                    draft_row += len(mine)
                 else:
-                    if owner.state == "eval_last":
-                        owner.slot.tokens.append(owner.group.req.prompt[-1])
-                    else:
-                        owner.slot.tokens.append(owner.last)
-                    self._sample(owner, i)
+                    token = self._sample(owner, i)
+                    if owner.drafts is not None:
+                        owner.drafts.settle([token])
         self._retire()
 
     def _prompt_ready(self, g: Group, index: int) -> None:
@@ -334,16 +371,24 @@ class BatchedEngine:
                 self._ctx.seq_rm(c.slot.seq_id, -1, -1)
                 self._ctx.seq_cp(g.primary.seq_id, c.slot.seq_id)
                 c.slot.tokens = list(g.primary.tokens)
-            self._sample(c, index)
+            self._sample_first(c, index)
 
-    def _sample(self, c: Choice, index: int) -> None:
+    def _sample_first(self, c: Choice, index: int) -> None:
+        token = self._sample(c, index)
+        if c.drafts is not None:
+            c.drafts.extend([token])
+
+    def _sample(self, c: Choice, index: int) -> int:
+        """Sample from row ``index`` and emit the token; returns it (even when it ends the
+        choice: an end-of-generation token, a stop string, the budget)."""
         g, req = c.group, c.group.req
         if c.t_first is None:
             c.t_first = time.perf_counter()
-        token = self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index)
+        token = int(self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index))
         c.state = "decode"
         if self.model.is_eog(token):
-            return self._finish(c, "stop")
+            self._finish(c, "stop")
+            return token
         c.completion += 1
         c.last = token
         lp = self._logprob(index, token, req.logprobs) if req.logprobs is not None else None
@@ -356,6 +401,7 @@ class BatchedEngine:
             req.time_budget_s is not None and time.perf_counter() - g.t0 > req.time_budget_s
         ):
             self._finish(c, "length")
+        return token
 
     def _logprob(self, index: int, token: int, top_n: int) -> TokenLogprob:
         row = self._ctx.logits(index, self._n_vocab)
@@ -378,7 +424,10 @@ class BatchedEngine:
                     completion_tokens=c.completion,
                     prompt_ms=(first - g.t0) * 1e3,
                     decode_ms=(now - first) * 1e3,
-                    target_passes=c.completion,
+                    drafted=c.drafted,
+                    accepted=c.accepted,
+                    # Without drafts, one forward pass per token (the first is the prompt's).
+                    target_passes=c.passes + 1 if c.drafted else c.completion,
                 ),
             )
         )

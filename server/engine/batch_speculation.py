@@ -1,0 +1,115 @@
+"""The batched engine's speculation: which requests draft, the cost model of this context, and
+the drafted tokens each step adds to the batch (see :mod:`server.engine.batch_drafts`)."""
+
+from __future__ import annotations
+
+import logging
+
+from server.engine.base import GenerationRequest
+from server.engine.batch_drafts import Candidate, SequenceDrafts, plan_drafts
+from server.engine.batch_state import Choice, Slot
+from server.engine.binding import BatchContext
+from server.engine.costmodel import CostModel, calibrate
+from server.engine.model import Model
+from server.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+# Batch sizes timed for the cost model; larger ones are extrapolated from the last two.
+_SIZES = (1, 2, 3, 5, 9, 17, 33, 65)
+
+Entry = tuple[int, int, int, bool]  # token, position, sequence, wants logits
+
+
+class BatchSpeculation:
+    def __init__(self, model: Model, ctx: BatchContext, n_batch: int):
+        self.model = model
+        self._ctx = ctx
+        self._n_batch = n_batch
+        self.cost: CostModel | None = None  # measured at the first speculative request
+
+    def limit(self, req: GenerationRequest) -> int:
+        """Most tokens a request's sequences may draft per step (0: it decodes plainly).
+
+        Only greedy output is verified: a sampled token rarely equals a draft, and a seeded
+        request promises the text of plain sampling. Grammars, biases and penalties are fine:
+        the sampler walks the verify rows as it would walk plain steps."""
+        cfg = self.model.cfg
+        mode = req.speculation.mode or cfg.speculative_mode
+        if req.speculation.mode == "draft":
+            raise InvalidRequest(
+                f"model {cfg.name!r} is served by the batched engine, which drafts with prompt "
+                'lookup only: use speculative = "prompt_lookup", or serve it with --engine '
+                "simple to decode with its draft model",
+                param="speculative",
+            )
+        if mode != "prompt_lookup" or req.sampling.temperature != 0 or req.max_tokens <= 1:
+            return 0
+        return req.speculation.max_draft or cfg.draft_max
+
+    def start(self, choice: Choice) -> None:
+        """Give a new choice its drafter when its request speculates."""
+        req = choice.group.req
+        k_max = self.limit(req)
+        if k_max and self._calibrated(choice.slot):
+            assert self.cost is not None
+            choice.drafts = SequenceDrafts.start(self.cost, k_max, req.prompt)
+
+    def _calibrated(self, slot: Slot) -> bool:
+        """Measure once what a step over n tokens costs, in ``slot``'s sequence past its cached
+        tokens (which stay as they are); False while there is no room there to do it."""
+        if self.cost is not None:
+            return True
+        sizes = tuple(n for n in _SIZES if n <= self._n_batch)
+        base = len(slot.tokens)
+        if base + sizes[-1] >= self.model.cfg.n_ctx:
+            return False
+        filler = max(self.model.info.bos_id or 0, 0)
+
+        def decode(n: int) -> None:
+            self._ctx.decode([(filler, base + i, slot.seq_id, True) for i in range(n)])
+            self._ctx.seq_rm(slot.seq_id, base, -1)
+
+        step, verify, _ = calibrate(decode, sizes)
+        self.cost = CostModel(step, verify)
+        log.info("%s: speculation cost model: %s", self.model.cfg.name, self.cost.describe())
+        return True
+
+    def add_drafts(
+        self, decoding: list[Choice], entries: list[Entry], prefill: int
+    ) -> dict[Choice, list[int]]:
+        """Drafts for the speculating sequences among ``decoding`` (whose pending tokens are in
+        ``entries``, with ``prefill`` prompt tokens to follow), appended to ``entries`` one
+        choice after another; the drafts of each choice that got any."""
+        drafting = [c for c in decoding if c.drafts is not None]
+        if not drafting or self.cost is None:
+            return {}
+        n_ctx = self.model.cfg.n_ctx
+        candidates = []
+        for c in drafting:
+            assert c.drafts is not None
+            alpha = c.drafts.candidate()
+            room = min(
+                c.drafts.k_max,
+                c.group.req.max_tokens - c.completion - 1,
+                n_ctx - len(c.slot.tokens) - 2,
+            )
+            candidates.append(Candidate(alpha or 0.0, room if alpha is not None else 0))
+        budget = self._n_batch - len(entries)
+        if self.model.cfg.draft_adaptive:
+            ks = plan_drafts(self.cost, len(entries) + prefill, len(decoding), candidates, budget)
+        else:  # a fixed K: every sequence drafts as much as it may
+            ks = []
+            for cand in candidates:
+                ks.append(max(0, min(cand.room, budget)))
+                budget -= ks[-1]
+        out: dict[Choice, list[int]] = {}
+        for c, k in zip(drafting, ks, strict=True):
+            assert c.drafts is not None
+            drafts = c.drafts.propose(k) if k > 0 else []
+            if not drafts:
+                continue
+            pos = len(c.slot.tokens) + 1  # the pending token c.last goes at len(tokens)
+            entries.extend((t, pos + i, c.slot.seq_id, True) for i, t in enumerate(drafts))
+            out[c] = drafts
+        return out
