@@ -235,6 +235,11 @@ def _round(probe: Any, pipe: Any, body: dict[str, Any], srv: Served, acc: Accumu
     probe.stop()
     server = counter_delta(before, thread_counters())
     order = probe.delta_tokens
+    if not probe.one_token_per_decode:
+        raise RuntimeError(
+            "llama_decode calls and sampled tokens differ (speculation?): the token path is "
+            "measured on plain one-token steps; serve the model without speculation"
+        )
     if len(got["frames"]) != len(order):
         raise RuntimeError(
             f"the client saw {len(got['frames'])} text frames for {len(order)} streamed Deltas"

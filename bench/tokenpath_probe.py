@@ -87,6 +87,12 @@ class Probe:
         return timed
 
     @property
+    def one_token_per_decode(self) -> bool:
+        """Whether every llama_decode of the request gave one sampled token (no speculation, no
+        calibration pass): what keying the decode thread's stamps by token assumes."""
+        return self._decodes == self._samples
+
+    @property
     def last_token(self) -> int | None:
         return self._samples - 1 if self._samples else None
 
