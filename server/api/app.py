@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,6 +34,7 @@ from server.api.openai import (
 from server.api.openai import errors as openai_errors
 from server.api.openai.protocol import ErrorResponse
 from server.api.openai.responses_store import ResponseStore
+from server.api.request_count import RequestCounter
 from server.engine.factory import make_engine_factory
 from server.manager import EngineFactory, ModelManager
 from server.metrics import Metrics
@@ -103,20 +104,7 @@ def create_app(
     app.add_middleware(relay.ModelLeases, manager=manager)
     v1 = [Depends(auth.require_api_key)]
 
-    @app.middleware("http")
-    async def count_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
-            model = getattr(request.state, "model", "")
-            metrics.requests.labels(endpoint, model, str(status)).inc()
+    app.add_middleware(RequestCounter, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False, dependencies=v1)
     async def prometheus_metrics() -> Response:

@@ -1,0 +1,48 @@
+"""bench.tokenpath: a few tokens of the real default model, every stage of their path timed."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import tokenpath
+from bench.tokenpath_stages import LATENCY, LOOP, STEP, markdown
+
+
+@pytest.fixture(scope="module")
+def rep() -> dict:
+    return tokenpath.run(tokens=6, rounds=1, variants=("basehttp",))
+
+
+def test_every_stage_of_every_token_is_timed(rep):
+    for variant in ("served", "basehttp"):
+        rows = rep["_rows"][variant]
+        assert len(rows) == 5  # tokens 1..5: token 0's decode was the prompt's
+        for row in rows[:-1]:  # the last token has no next llama_decode
+            for s in [*LATENCY, *STEP, *LOOP]:
+                assert s.key in row, (variant, s.key)
+                assert row[s.key] >= 0, (variant, s.key, row[s.key])
+
+
+def test_stages_add_up_to_their_totals(rep):
+    for rows in rep["_rows"].values():
+        for row in rows[:-1]:
+            # Contiguous stages: their sum is the total, to rounding.
+            chain = sum(row[s.key] for s in LATENCY)
+            assert chain == pytest.approx(row["latency"], abs=0.01)
+            step = sum(row[s.key] for s in STEP)
+            assert step == pytest.approx(row["step"], abs=0.01)
+            for s in [*LATENCY, *STEP]:
+                assert row[s.key] <= max(row["latency"], row["step"])
+            assert row["decode"] < row["step"]
+            assert row["client_iti"] > 0
+
+
+def test_report_has_the_figures_the_note_quotes(rep):
+    served = rep["variants"]["served"]
+    assert served["totals"]["decode"]["median"] > 0
+    assert served["totals"]["client_tok_s"]["median"] > 0
+    assert served["threads"]["decode thread (+ llama.cpp's first worker)"]["cpu_us_per_token"] > 0
+    assert served["threads"]["client process"]["threads"] >= 1
+    text = markdown({**rep, "command": "python -m bench.tokenpath"})
+    assert "| **llama_decode returned → frame at the client** |" in text
+    assert "served median | served p90 | basehttp median" in text
