@@ -85,6 +85,8 @@ class Served:
 @contextmanager
 def serve(probe: Any, model: str | None) -> Iterator[Served]:
     """codeserve's app with its default settings under uvicorn on a thread, the probe in."""
+    from sse_starlette.sse import AppStatus
+
     from bench.client import Connection
     from bench.tokenpath_probe import OuterSend
     from server import serving
@@ -132,6 +134,9 @@ def serve(probe: Any, model: str | None) -> Iterator[Served]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        # The draining shutdown tells sse-starlette, process-wide, to cut every stream; other
+        # servers in this process (a test session's) must keep streaming.
+        AppStatus.should_exit = False
 
 
 # -- variants of the serving stack, for before/after comparisons in one process ----------------

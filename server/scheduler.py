@@ -70,6 +70,10 @@ class ModelWorker:
         self._idle = asyncio.Event()
         self._idle.set()
         self.last_used = time.monotonic()
+        # Events from the engine's thread, handed over in batches: one wake-up of the loop for
+        # all that arrived since the last one (a step of eight streams is one wake, not eight).
+        self._inbox: deque[tuple[Job, Event]] = deque()
+        self._drain_scheduled = False
 
     @property
     def running(self) -> int:
@@ -139,11 +143,22 @@ class ModelWorker:
         loop = asyncio.get_running_loop()
 
         def sink(event: Event) -> None:  # called on the engine's thread
-            loop.call_soon_threadsafe(self._deliver, job, event)
+            self._inbox.append((job, event))
+            # Appended before the flag is read, and the drain clears the flag before it reads
+            # the inbox, so every event is drained by a call scheduled at or after its append.
+            if not self._drain_scheduled:
+                self._drain_scheduled = True
+                loop.call_soon_threadsafe(self._drain)
 
         job.handle = self.engine.submit(job.request, sink)
         self._running.add(job)
         job.started.set()
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        inbox = self._inbox
+        while inbox:
+            self._deliver(*inbox.popleft())
 
     def _deliver(self, job: Job, event: Event) -> None:
         if isinstance(event, End):

@@ -28,6 +28,7 @@ from server.engine.base import (
     CancelFlag,
     Delta,
     EmbeddingRequest,
+    Event,
     EventSink,
     Finished,
     FinishReason,
@@ -91,6 +92,8 @@ class BatchedEngine:
         self._speculation = BatchSpeculation(model, self._ctx, self._n_batch)
         self._slots = [Slot(i) for i in range(slots)]
         self._incoming: list[Group] = []
+        # A step's events, handed over just before the next llama_decode (see _flush).
+        self._outbox: list[tuple[EventSink, Event]] = []
         self._groups: list[Group] = []
         self._wake = threading.Condition()
         self._closed = False
@@ -140,7 +143,11 @@ class BatchedEngine:
         seed = (
             request.sampling.seed if request.sampling.seed is not None else random.getrandbits(31)
         )
-        group = Group(request, handle.is_set, sink, base_seed=seed)
+
+        def emit(event: Event) -> None:
+            self._outbox.append((sink, event))
+
+        group = Group(request, handle.is_set, emit, base_seed=seed)
         with self._wake:
             if self._closed:
                 raise ModelUnavailable(f"model {self.model.cfg.name!r} is being unloaded")
@@ -155,6 +162,7 @@ class BatchedEngine:
         self._thread.join()
         for g in self._incoming + self._groups:  # nobody is left waiting for an End
             g.end(ModelUnavailable(f"model {self.model.cfg.name!r} was unloaded"))
+        self._flush()
         self._ctx.close()
         self.model.close()
 
@@ -166,6 +174,7 @@ class BatchedEngine:
                 while not self._closed and not self._groups and not self._incoming:
                     self._wake.wait()
                 if self._closed:
+                    self._flush()
                     return
             try:
                 self._admit()
@@ -180,6 +189,17 @@ class BatchedEngine:
                     self._release(g)
                     g.end(e)
                 self._groups = []
+                self._flush()
+
+    def _flush(self) -> None:
+        """Hand the events gathered since the last call to their sinks.
+
+        Called right before llama_decode, which releases the GIL for the whole step: the event
+        loop woken by the hand-off then formats and sends while the step computes, instead of
+        contending for the GIL with this thread's sampling and batch building."""
+        out, self._outbox = self._outbox, []
+        for sink, event in out:
+            sink(event)
 
     def _free_slots(self) -> list[Slot]:
         return [s for s in self._slots if not s.busy]
@@ -335,6 +355,7 @@ class BatchedEngine:
             g.primary.tokens.extend(chunk)
             budget -= len(chunk)
         if entries:
+            self._flush()
             self._ctx.decode(entries)
             draft_row = first_draft
             for i, owner in owners:
@@ -356,6 +377,8 @@ class BatchedEngine:
                     if owner.drafts is not None:
                         owner.drafts.settle([token])
         self._retire()
+        if not entries or not self._groups:  # no next step to overlap with: send now
+            self._flush()
 
     def _prompt_ready(self, g: Group, index: int) -> None:
         """The prompt is in the primary's KV cache: copy it to the other choices and sample."""
