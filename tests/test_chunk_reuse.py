@@ -306,3 +306,24 @@ def test_a_sliding_window_reuses_what_it_still_shows(reuse_server):
     warm, _, cached = complete(reuse_server, window)
     assert cached >= n - 5, (cached, n)  # a dropped span: moved back, nothing evaluated
     assert_near_cold(cold, warm)
+
+
+@pytest.mark.model
+def test_cells_two_choices_share_stay_where_they_are(reuse_server):
+    import openai
+
+    client = openai.OpenAI(base_url=reuse_server.url + "/v1", api_key="x", max_retries=0)
+    names = ["alpha", "beta", "gamma"]
+    text = source_file(names, "import os\n")
+    # Both slots get the prompt's cells (copied, so shared) for the request's two choices.
+    both = client.completions.create(
+        model=REUSE_MODEL, prompt=text, max_tokens=12, temperature=0, n=2
+    )
+    assert both.choices[0].text == both.choices[1].text
+    # An edit: the cells after it are shared with the other slot, so none of them move ...
+    _, n, cached = complete(reuse_server, source_file(names, "import sys\n"))
+    assert cached < 20, (cached, n)
+    # ... and the other slot still holds the prompt, exactly.
+    again, n_text, cached = complete(reuse_server, text)
+    assert cached == n_text - 1
+    assert again["text"].startswith(both.choices[0].text)
