@@ -74,9 +74,9 @@ class ServerSettings(StoreSettings):
     )
     engine: Literal["auto", "simple", "batched"] = Field(
         "auto",
-        description="batched: many sequences per llama_decode (concurrent streams, n > 1); "
-        "simple: one sequence at a time, with speculative decoding; auto: simple for models that "
-        "speculate (speculative or draft in models.toml), batched for the others",
+        description="batched: many sequences per llama_decode (concurrent streams, n > 1), each "
+        "may speculate with prompt lookup; simple: one sequence at a time, with prompt lookup or a "
+        "draft model; auto: simple for models with a draft model, batched for the others",
     )
     slots: int = Field(8, ge=1, le=64, description="sequences the batched engine runs at once")
     prompt_cache_mb: int | None = Field(

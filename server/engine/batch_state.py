@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine.base import End, Event, EventSink, GenerationRequest
+from server.engine.batch_drafts import SequenceDrafts
 from server.engine.text import TextReleaser
 
 
@@ -30,6 +31,10 @@ class Choice:
     last: int = -1  # token to feed next step
     completion: int = 0
     t_first: float | None = None
+    drafts: SequenceDrafts | None = None  # set when it decodes speculatively (greedy)
+    drafted: int = 0
+    accepted: int = 0
+    passes: int = 0  # decode passes (each yields one token, more with accepted drafts)
 
 
 @dataclass(eq=False)

@@ -32,14 +32,17 @@ from server.engine.base import (
     EventSink,
     Finished,
     FinishReason,
+    GenerationRequest,
     Request,
     Timings,
     TokenLogprob,
     available_cores,
     ggml_kv_type,
 )
+from server.engine.batch_drafts import Candidate, SequenceDrafts, plan_drafts
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
+from server.engine.costmodel import CostModel, calibrate
 from server.engine.model import Model
 from server.engine.prompt_cache import PromptCache
 from server.engine.sampling import common_prefix, logprob_entry, sampler_chain
@@ -93,6 +96,7 @@ class BatchedEngine:
         self._groups: list[Group] = []
         self._wake = threading.Condition()
         self._closed = False
+        self._cost: CostModel | None = None  # measured at the first speculative request
         self._thread = threading.Thread(target=self._loop, name=f"decode-{cfg.name}", daemon=True)
         self._thread.start()
         log.info(
@@ -102,10 +106,10 @@ class BatchedEngine:
             cfg.n_ctx,
             prefill_chunk,
         )
-        if cfg.speculative_mode != "off":
+        if cfg.speculative_mode == "draft":
             log.warning(
-                "%s: the batched engine decodes without speculation (it is single-stream); "
-                "serve with --engine simple (or auto) to speculate",
+                "%s: the batched engine speculates with prompt lookup only, so it decodes "
+                "without the draft model; serve with --engine simple (or auto) to use it",
                 cfg.name,
             )
 
@@ -134,6 +138,7 @@ class BatchedEngine:
             )
         # Built once here so a grammar that does not parse is the caller's 400, not a failed step.
         self._lib.llama_sampler_free(sampler_chain(request, 0, self.model))
+        self._draft_limit(request)  # a speculation mode this engine lacks is the caller's 400
         handle = CancelFlag()
         seed = (
             request.sampling.seed if request.sampling.seed is not None else random.getrandbits(31)
@@ -288,17 +293,119 @@ class BatchedEngine:
 
     def _new_choice(self, g: Group, slot: Slot, state: str) -> None:
         seed = (g.base_seed + g.next_index) & 0x7FFFFFFF
-        g.choices.append(
-            Choice(
-                g,
-                g.next_index,
-                slot,
-                sampler_chain(g.req, seed, self.model),
-                TextReleaser(g.req.stop),
-                state=state,
-            )
+        choice = Choice(
+            g,
+            g.next_index,
+            slot,
+            sampler_chain(g.req, seed, self.model),
+            TextReleaser(g.req.stop),
+            state=state,
         )
+        k_max = self._draft_limit(g.req)
+        if k_max and self._calibrated(slot):
+            assert self._cost is not None
+            choice.drafts = SequenceDrafts.start(self._cost, k_max, g.req.prompt)
+        g.choices.append(choice)
         g.next_index += 1
+
+    # -- speculation ----------------------------------------------------------------------------
+
+    def _draft_limit(self, req: GenerationRequest) -> int:
+        """Most tokens a request's sequences may draft per step (0: it decodes plainly).
+
+        Only greedy output is verified: a sampled token rarely equals a draft, and a seeded
+        request promises the text of plain sampling. Grammars, biases and penalties are fine:
+        the sampler walks the verify rows as it would walk plain steps."""
+        mode = req.speculation.mode or self.model.cfg.speculative_mode
+        if mode == "draft" and req.speculation.mode == "draft":
+            raise InvalidRequest(
+                f"model {self.model.cfg.name!r} is served by the batched engine, which drafts "
+                'with prompt lookup only: use speculative = "prompt_lookup", or serve it with '
+                "--engine simple to decode with its draft model",
+                param="speculative",
+            )
+        if mode != "prompt_lookup" or req.sampling.temperature != 0 or req.max_tokens <= 1:
+            return 0
+        return req.speculation.max_draft or self.model.cfg.draft_max
+
+    def _calibrated(self, slot: Slot) -> bool:
+        """Measure once what a step over n tokens costs (the cost model), in ``slot``'s
+        sequence past its cached tokens; False while there is no room there to do it."""
+        if self._cost is not None:
+            return True
+        sizes = tuple(n for n in (1, 2, 3, 5, 9, 17, 33, 65) if n <= self._n_batch)
+        base = len(slot.tokens)
+        if base + sizes[-1] >= self.model.cfg.n_ctx:
+            return False
+        filler = max(self.model.info.bos_id or 0, 0)
+
+        def decode(n: int) -> None:
+            self._ctx.decode([(filler, base + i, slot.seq_id, True) for i in range(n)])
+            self._ctx.seq_rm(slot.seq_id, base, -1)
+
+        step, verify, _ = calibrate(decode, sizes)
+        self._cost = CostModel(step, verify)
+        log.info("%s: speculation cost model: %s", self.model.cfg.name, self._cost.describe())
+        return True
+
+    def _add_drafts(
+        self, decoding: list[Choice], entries: list[tuple[int, int, int, bool]], prefill: int
+    ) -> dict[Choice, list[int]]:
+        """Drafts for the speculating sequences among ``decoding``, appended to ``entries``
+        (their rows follow each other); the drafts of each choice that got any."""
+        drafting = [c for c in decoding if c.drafts is not None]
+        if not drafting or self._cost is None:
+            return {}
+        n_ctx = self.model.cfg.n_ctx
+        candidates = []
+        for c in drafting:
+            assert c.drafts is not None
+            alpha = c.drafts.candidate()
+            room = min(
+                c.drafts.k_max,
+                c.group.req.max_tokens - c.completion - 1,
+                n_ctx - len(c.slot.tokens) - 2,
+            )
+            candidates.append(Candidate(alpha or 0.0, room if alpha is not None else 0))
+        budget = self._n_batch - len(entries)
+        if self.model.cfg.draft_adaptive:
+            ks = plan_drafts(self._cost, len(entries) + prefill, len(decoding), candidates, budget)
+        else:  # a fixed K: every sequence drafts as much as it may
+            ks = []
+            for cand in candidates:
+                ks.append(max(0, min(cand.room, budget)))
+                budget -= ks[-1]
+        out: dict[Choice, list[int]] = {}
+        for c, k in zip(drafting, ks, strict=True):
+            if k <= 0:
+                continue
+            assert c.drafts is not None
+            drafts = c.drafts.propose(k)
+            if not drafts:
+                continue
+            pos = len(c.slot.tokens) + 1  # the pending token c.last goes at len(tokens)
+            entries.extend((t, pos + i, c.slot.seq_id, True) for i, t in enumerate(drafts))
+            out[c] = drafts
+        return out
+
+    def _verify(self, c: Choice, row: int, draft_rows: int, drafts: list[int]) -> None:
+        """Walk the verify rows: ``row`` (after the pending token) then ``draft_rows``...
+        (after each draft), keeping drafts while the sampler picks them; the first token it
+        picks otherwise is its own, and the cells after the kept tokens are removed."""
+        end = len(c.slot.tokens) + len(drafts)  # cells written: the pending token and drafts
+        emitted: list[int] = []
+        for j in range(len(drafts) + 1):
+            token = self._sample(c, row if j == 0 else draft_rows + j - 1)
+            emitted.append(token)
+            if c.state == "done" or j == len(drafts) or token != drafts[j]:
+                break
+            c.slot.tokens.append(token)  # an accepted draft: its cell already holds it
+        c.drafted += len(drafts)
+        c.accepted += len(emitted) - 1
+        if len(c.slot.tokens) < end:
+            self._ctx.seq_rm(c.slot.seq_id, len(c.slot.tokens), -1)
+        assert c.drafts is not None
+        c.drafts.settle(emitted)
 
     def _finish_now(self, g: Group, reason: FinishReason) -> None:
         g.send(Finished(g.next_index, reason, Timings(len(g.req.prompt), g.cached, 0, 0, 0)))
@@ -310,15 +417,20 @@ class BatchedEngine:
         owners: list[tuple[int, Choice | Group]] = []  # batch index → choice, or group
         # Checked every step: a client that left costs at most one token. Its group retires below.
         live = [g for g in self._groups if not g.cancelled()]
+        decoding: list[Choice] = []
         for g in live:
             for c in g.choices:
                 if c.state == "decode":
                     owners.append((len(entries), c))
                     entries.append((c.last, len(c.slot.tokens), c.slot.seq_id, True))
+                    decoding.append(c)
                 elif c.state == "eval_last":
                     prompt = g.req.prompt
                     owners.append((len(entries), c))
                     entries.append((prompt[-1], len(prompt) - 1, c.slot.seq_id, True))
+        prefill = min(sum(len(g.pending) for g in live), self._prefill_chunk)
+        first_draft = len(entries)
+        drafts = self._add_drafts(decoding, entries, prefill if entries else 0)
         budget = self._n_batch - len(entries)
         if len(entries) > 0:
             budget = min(budget, self._prefill_chunk)  # keep the others' next token coming
@@ -337,15 +449,25 @@ class BatchedEngine:
             budget -= len(chunk)
         if entries:
             self._ctx.decode(entries)
+            draft_row = first_draft
             for i, owner in owners:
                 if isinstance(owner, Group):
                     self._prompt_ready(owner, i)
+                    continue
+                if owner.state == "eval_last":
+                    owner.slot.tokens.append(owner.group.req.prompt[-1])
+                    self._sample_first(owner, i)
+                    continue
+                owner.slot.tokens.append(owner.last)
+                owner.passes += 1
+                mine = drafts.get(owner)
+                if mine:
+                    self._verify(owner, i, draft_row, mine)
+                    draft_row += len(mine)
                 else:
-                    if owner.state == "eval_last":
-                        owner.slot.tokens.append(owner.group.req.prompt[-1])
-                    else:
-                        owner.slot.tokens.append(owner.last)
-                    self._sample(owner, i)
+                    token = self._sample(owner, i)
+                    if owner.drafts is not None:
+                        owner.drafts.settle([token])
         self._retire()
 
     def _prompt_ready(self, g: Group, index: int) -> None:
@@ -362,16 +484,24 @@ class BatchedEngine:
                 self._ctx.seq_rm(c.slot.seq_id, -1, -1)
                 self._ctx.seq_cp(g.primary.seq_id, c.slot.seq_id)
                 c.slot.tokens = list(g.primary.tokens)
-            self._sample(c, index)
+            self._sample_first(c, index)
 
-    def _sample(self, c: Choice, index: int) -> None:
+    def _sample_first(self, c: Choice, index: int) -> None:
+        token = self._sample(c, index)
+        if c.drafts is not None:
+            c.drafts.extend([token])
+
+    def _sample(self, c: Choice, index: int) -> int:
+        """Sample from row ``index`` and emit the token; returns it (even when it ends the
+        choice: an end-of-generation token, a stop string, the budget)."""
         g, req = c.group, c.group.req
         if c.t_first is None:
             c.t_first = time.perf_counter()
-        token = self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index)
+        token = int(self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index))
         c.state = "decode"
         if self.model.is_eog(token):
-            return self._finish(c, "stop")
+            self._finish(c, "stop")
+            return token
         c.completion += 1
         c.last = token
         lp = self._logprob(index, token, req.logprobs) if req.logprobs is not None else None
@@ -384,6 +514,7 @@ class BatchedEngine:
             req.time_budget_s is not None and time.perf_counter() - g.t0 > req.time_budget_s
         ):
             self._finish(c, "length")
+        return token
 
     def _logprob(self, index: int, token: int, top_n: int) -> TokenLogprob:
         row = self._ctx.logits(index, self._n_vocab)
@@ -406,7 +537,10 @@ class BatchedEngine:
                     completion_tokens=c.completion,
                     prompt_ms=(first - g.t0) * 1e3,
                     decode_ms=(now - first) * 1e3,
-                    target_passes=c.completion,
+                    drafted=c.drafted,
+                    accepted=c.accepted,
+                    # Without drafts, one forward pass per token (the first is the prompt's).
+                    target_passes=c.passes + 1 if c.drafted else c.completion,
                 ),
             )
         )

@@ -15,11 +15,10 @@ EngineChoice = Literal["auto", "simple", "batched"]
 
 
 def uses_batched(choice: EngineChoice, cfg: ModelConfig) -> bool:
-    # Speculation is single-stream (verification needs the whole batch for one sequence), so a
-    # model configured to speculate keeps the simple engine; every other model is batched: it
-    # matches the simple engine on one stream and multiplies throughput with more (bench/).
+    # The batched engine speculates with prompt lookup per sequence; a draft model runs only in
+    # the simple engine (one sequence at a time), so a model that names one keeps that engine.
     if choice == "auto":
-        return cfg.speculative_mode == "off"
+        return cfg.speculative_mode != "draft"
     return choice == "batched"
 
 

@@ -1,0 +1,245 @@
+"""Prompt-lookup speculation inside the batched engine: each greedy sequence drafts into the
+step that decodes the others, and its text stays the plain greedy text.
+
+The real-model tests force drafting (``draft_adaptive = false``): on a loaded 2-core CPU the cost
+model may rightly decide that drafting does not pay, which would leave nothing to verify.
+"""
+
+from __future__ import annotations
+
+import queue
+import tomllib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.engine.base import (
+    Delta,
+    End,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    Speculation,
+)
+from server.engine.batch_drafts import Candidate, SequenceDrafts, plan_drafts
+from server.engine.batched import BatchedEngine
+from server.engine.costmodel import CostModel
+from server.engine.model import Model
+from server.registry import parse_registry
+from tests.conftest import REPO, LiveServer, make_settings
+from tests.test_api_errors import assert_error
+from tests.test_batched import first_divergence_gap
+from tests.test_metrics import scrape, value
+from tests.test_speculative import PROMPTS
+
+# -- the whole-batch choice of K, without a model ---------------------------------------------
+
+CHEAP = CostModel(0.01, {1: 1.0, 2: 1.05, 3: 1.1, 5: 1.2, 9: 1.5, 17: 2.2, 33: 3.6, 65: 6.5})
+LINEAR = CostModel(0.01, {1: 1.0, 2: 2.0, 3: 3.0, 5: 5.0, 9: 9.0, 17: 17.0, 33: 33.0})
+
+
+def test_a_lone_likely_copy_drafts_and_an_unlikely_one_does_not():
+    assert plan_drafts(CHEAP, 1, 1, [Candidate(0.9, 16)], budget=511)[0] > 4
+    assert plan_drafts(CHEAP, 1, 1, [Candidate(0.05, 16)], budget=511) == [0]
+
+
+def test_drafts_never_pay_where_each_token_costs_a_step():
+    assert plan_drafts(LINEAR, 1, 1, [Candidate(0.95, 16)], budget=511) == [0]
+
+
+def test_a_full_batch_leaves_less_room_for_drafts():
+    alone = plan_drafts(CHEAP, 1, 1, [Candidate(0.7, 16)], budget=511)[0]
+    crowded = plan_drafts(CHEAP, 33, 33, [Candidate(0.7, 16)], budget=511)[0]
+    assert crowded < alone
+
+
+def test_the_likeliest_copy_drafts_first_within_room_and_budget():
+    ks = plan_drafts(CHEAP, 2, 2, [Candidate(0.3, 16), Candidate(0.95, 16)], budget=5)
+    assert ks[1] > 0 and sum(ks) <= 5
+    assert plan_drafts(CHEAP, 1, 1, [Candidate(0.99, 3)], budget=511) == [3]
+    assert plan_drafts(CHEAP, 1, 1, [Candidate(0.99, 0)], budget=511) == [0]
+
+
+def test_sequence_drafts_copy_and_learn_from_what_was_kept():
+    seq = SequenceDrafts.start(CHEAP, 8, [1, 2, 3, 4, 5, 6, 1, 2])
+    alpha = seq.candidate()
+    assert alpha is not None
+    assert seq.propose(3) == [3, 4, 5]  # what followed "1 2" before
+    seq.settle([3, 4, 9])  # two drafts kept, then the target's own token
+    rate = seq.rates.rate(2)
+    assert rate > alpha
+    assert seq.lookup.propose((0, 0), 12)[-3:] == [3, 4, 9]  # the index follows the output
+    assert seq.candidate() is None  # "9" never occurred before: nothing to copy
+    seq.settle([1])
+    assert seq.candidate() is not None  # "1" did, followed by 2 both times
+    buckets = (1, 2, 4, 8, 16)
+    before = [seq.rates.rate(b) for b in buckets]
+    seq.settle([2])  # nothing drafted, but lookup's guess (2) is scored for free
+    after = [seq.rates.rate(b) for b in buckets]
+    assert any(a > b for a, b in zip(after, before, strict=True))
+
+
+# -- the real model, through HTTP ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batched(model_path: Path) -> Iterator[LiveServer]:
+    raw = tomllib.loads((REPO / "models.toml").read_text())
+    smol = {"source": {"path": str(model_path)}, "n_ctx": 1024, "kv_cache": "q8_0"}
+    raw["models"].update(
+        {
+            "lookup": {**smol, "speculative": "prompt_lookup", "draft_adaptive": False},
+            "plain": {**smol},
+        }
+    )
+    live = LiveServer(make_settings(engine="auto"), parse_registry(raw, REPO / "models.toml"))
+    yield live.start()
+    live.stop()
+
+
+@pytest.fixture()
+def http(batched: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=batched.url, timeout=300) as c:
+        yield c
+
+
+def complete(http: httpx.Client, prompt: str, mode: str | None, **extra) -> dict:
+    body = {"model": "lookup", "prompt": prompt, "max_tokens": 48, "temperature": 0}
+    r = http.post("/v1/completions", json={**body, "speculative": mode, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def counters(http: httpx.Client) -> tuple[float, ...]:
+    s = scrape(http)
+    names = (
+        "llamacpp:spec_decode_num_draft_tokens_total",
+        "llamacpp:spec_decode_num_accepted_tokens_total",
+        "codeserve_decode_target_passes_total",
+        "llamacpp:tokens_predicted_total",
+    )
+    return tuple(value(s, n, model="lookup") for n in names)
+
+
+def test_auto_serves_a_prompt_lookup_model_with_the_batched_engine(http):
+    slots = http.get("/slots", params={"model": "lookup"})
+    assert slots.status_code == 200, slots.text
+    assert len(slots.json()) > 1  # one per sequence: the batched engine
+
+
+def test_a_lone_stream_drafts_and_keeps_the_plain_greedy_text(http):
+    before = counters(http)
+    for prompt in PROMPTS:
+        plain = complete(http, prompt, "off")["choices"][0]
+        fast = complete(http, prompt, "prompt_lookup")["choices"][0]
+        assert fast["text"] == plain["text"], prompt
+        assert fast["finish_reason"] == plain["finish_reason"]
+    drafted, accepted, passes, predicted = (
+        a - b for a, b in zip(counters(http), before, strict=True)
+    )
+    assert drafted >= accepted > 0
+    assert passes < predicted
+
+
+def test_eight_speculating_streams_match_their_plain_solo_runs(http):
+    prompts = [f"{PROMPTS[0]}# variant {i}\n" if i % 2 else f"def f{i}(x):\n" for i in range(8)]
+    alone = [complete(http, p, "off", logprobs=2)["choices"][0] for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(
+            pool.map(lambda p: complete(http, p, "prompt_lookup")["choices"][0]["text"], prompts)
+        )
+    gaps = [first_divergence_gap(a, t) for a, t in zip(alone, together, strict=True)]
+    # As for plain batching: rows computed in another batch shape may differ slightly, so a
+    # stream may part from its solo run only where its two best tokens nearly tie.
+    assert all(g is None or g < 0.3 for g in gaps), gaps
+    assert any(g is None for g in gaps), gaps
+
+
+def test_stop_strings_logprobs_and_streams_match_plain(http):
+    extra = {"stop": ["return"], "logprobs": 2}
+    plain = complete(http, PROMPTS[0], "off", **extra)["choices"][0]
+    fast = complete(http, PROMPTS[0], "prompt_lookup", **extra)["choices"][0]
+    assert fast["text"] == plain["text"] and fast["finish_reason"] == plain["finish_reason"]
+    assert fast["logprobs"]["tokens"] == plain["logprobs"]["tokens"]
+    body = {
+        "model": "lookup",
+        "prompt": PROMPTS[0],
+        "max_tokens": 48,
+        "temperature": 0,
+        "stream": True,
+    }
+    text = ""
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                text += httpx.Response(200, content=line[6:]).json()["choices"][0]["text"]
+    assert text == complete(http, PROMPTS[0], "off")["choices"][0]["text"]
+
+
+def test_a_grammar_constrains_speculative_output_as_it_does_plain(http):
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "size": {"type": "integer"}},
+        "required": ["name", "size"],
+    }
+    extra = {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    }
+    prompt = 'A JSON object for a file: {"name": "config.toml", "size": 12}. Another one:'
+    plain = complete(http, prompt, "off", **extra)["choices"][0]["text"]
+    fast = complete(http, prompt, "prompt_lookup", **extra)["choices"][0]["text"]
+    assert fast == plain
+
+
+def _engine(model_path: Path) -> BatchedEngine:
+    raw = {"source": {"path": str(model_path)}, "n_ctx": 1024, "draft_adaptive": False}
+    cfg = parse_registry({"default_model": "t", "models": {"t": raw}}, REPO / "x.toml")
+    return BatchedEngine(Model.load(model_path, cfg.models["t"]), slots=2)
+
+
+def _greedy(engine: BatchedEngine, text: str, mode: str, max_tokens: int = 48) -> tuple[str, int]:
+    """(text, cached prompt tokens) of one greedy request through the engine contract."""
+    events: queue.Queue = queue.Queue()
+    prompt = engine.tokenize(text, add_bos=False)
+    req = GenerationRequest(
+        prompt, max_tokens, SamplingParams(temperature=0), speculation=Speculation(mode=mode)
+    )
+    engine.submit(req, events.put)
+    out, cached = "", -1
+    while not isinstance(ev := events.get(timeout=120), End):
+        if isinstance(ev, Delta):
+            out += ev.text
+        elif isinstance(ev, Finished):
+            cached = ev.timings.cached_tokens
+    assert ev.error is None
+    return out, cached
+
+
+def test_rolled_back_cells_leave_the_cache_exact_for_the_next_request(model_path):
+    """A follow-up that reuses the cache a speculating request left answers exactly what a
+    fresh engine answers (fresh engines: no other sequence's batches in the history)."""
+    engine = _engine(model_path)
+    try:
+        first, _ = _greedy(engine, PROMPTS[0], "prompt_lookup", max_tokens=40)
+        follow = PROMPTS[0] + first[:60]
+        warm, cached = _greedy(engine, follow, "off")
+    finally:
+        engine.close()
+    fresh = _engine(model_path)
+    try:
+        cold, _ = _greedy(fresh, follow, "off")
+    finally:
+        fresh.close()
+    assert cached > len(first[:60]) // 8  # the prompt and the kept output were reused
+    assert warm == cold
+
+
+def test_a_draft_model_request_on_the_batched_engine_is_a_400(http):
+    r = http.post(
+        "/v1/completions",
+        json={"model": "lookup", "prompt": "x", "max_tokens": 4, "speculative": "draft"},
+    )
+    assert_error(r, 400, param="speculative", contains="prompt lookup only")
