@@ -116,6 +116,14 @@ class ModelDefaults(_Strict):
     draft_adaptive: bool = Field(
         True, description="choose K per pass from the acceptance rate; false: always draft_max"
     )
+    cache_reuse: int = Field(
+        64,
+        ge=0,
+        description="batched engine: a prompt that differs from a cached one by an edited or "
+        "removed span keeps the cached runs of at least this many tokens after it, moved to "
+        "their new positions, where the model allows it (llama-server's --cache-reuse); 0: "
+        "only the common prefix is reused",
+    )
     keep_alive: KeepAlive | None = Field(
         None,
         description='how long the model stays loaded once idle: "5m", "1h", seconds; negative: '

@@ -23,6 +23,7 @@ import random
 import threading
 import time
 
+from server.engine import chunk_reuse
 from server.engine.base import (
     CacheStats,
     CancelFlag,
@@ -215,21 +216,48 @@ class BatchedEngine:
         prompt = g.req.prompt
         free = self._free_slots()
         cold = g.req.sampling.seed is not None and g.req.sampling.temperature > 0
-        # The longest shared prefix; among equals the slot idle longest, so recent caches survive.
-        primary = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.released))
-        if not cold:
-            primary = self._restore_if_better(primary, free, prompt)
         # Keep at least one prompt token to evaluate: its logits start every choice. A seeded
         # request starts cold for reproducible text (logits depend on how a prompt was batched).
-        keep = 0 if cold else min(common_prefix(primary.tokens, prompt), len(prompt) - 1)
+        limit = 0 if cold else len(prompt) - 1
+        cfg = self.model.cfg
+        # Chunks reused from a cache (server.engine.chunk_reuse) are evaluated up to a step's
+        # prompt budget at once; cells move only where the model's positions allow it.
+        min_chunk = cfg.cache_reuse if self._ctx.can_shift else 0
+        budget = self._prefill_chunk if self._groups else self._n_batch
+
+        def reuse_plan(slot: Slot) -> chunk_reuse.Plan:
+            if not slot.tokens:
+                return chunk_reuse.Plan(0)
+            # Cells a slot shares with other sequences (n choices) lie in their common prefix.
+            others = (common_prefix(s.tokens, slot.tokens) for s in self._slots if s is not slot)
+            return chunk_reuse.plan(
+                slot.tokens,
+                prompt,
+                min_chunk=min_chunk,
+                limit=limit,
+                max_gap=budget,
+                movable_from=max(others, default=0),
+            )
+
+        # The most reused tokens; among equals the slot idle longest, so recent caches survive.
+        plans = {s: (s.tokens, reuse_plan(s)) for s in free}
+        primary = max(free, key=lambda s: (plans[s][1].reused, -s.released))
+        if not cold:
+            primary = self._restore_if_better(primary, free, prompt)
+        held, reuse = plans[primary]
+        if primary.tokens is not held:  # a saved state was restored into it
+            reuse = reuse_plan(primary)
+        keep = reuse.prefix
         cut = primary.tokens[keep:]
         if self.prompt_cache.worth_saving(cut) and not self.prompt_cache.holds(primary.tokens):
             # The slot's cache is about to be cut short: keep the whole of it in host RAM.
             self.prompt_cache.put(primary.tokens, self._ctx.save_seq(primary.seq_id))
-        self._ctx.seq_rm(primary.seq_id, keep, -1)
-        primary.tokens = primary.tokens[:keep]
+        reuse = chunk_reuse.apply(
+            self._ctx, primary.seq_id, len(primary.tokens), prompt, reuse, self._n_batch
+        )
+        primary.tokens = prompt[: reuse.end]
         primary.busy = True
-        g.primary, g.cached, g.pending = primary, keep, prompt[keep:]
+        g.primary, g.cached, g.pending = primary, reuse.reused, prompt[reuse.end :]
         if g.req.max_tokens <= 0:
             # A warm-up (llama-server's n_predict 0): evaluate the prompt into the cache, then
             # finish every choice without sampling (see _prompt_ready).

@@ -117,7 +117,10 @@ class BatchContext:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
-        params.n_seq_max = n_seq
+        # One more sequence than the slots: a scratch sequence where chunk reuse parks cells
+        # while it evaluates the tokens before them (server.engine.chunk_reuse).
+        params.n_seq_max = n_seq + 1
+        self.scratch_seq = n_seq
         # One KV buffer for all sequences. Per-sequence streams would keep attention from scanning
         # the others' cells, but measured on SmolLM2 F16 (2 cores) their steps cost ~1.5x as much
         # once slots are reused and whenever fewer than all slots decode (bench/results/).
@@ -133,6 +136,8 @@ class BatchContext:
         self._ctx = _internals.LlamaContext(model=weights, params=params, verbose=False)
         self.ptr = self._ctx.ctx
         self.memory = llama_cpp.llama_get_memory(self.ptr)
+        # Whether cells may move to other positions (seq_add): RoPE models, not M-RoPE ones.
+        self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.memory))
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._n_batch = n_batch
 
@@ -155,8 +160,13 @@ class BatchContext:
     def seq_rm(self, seq: int, p0: int, p1: int) -> None:
         self._lib.llama_memory_seq_rm(self.memory, seq, p0, p1)
 
-    def seq_cp(self, src: int, dst: int) -> None:
-        self._lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        self._lib.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        """Move a sequence's cells in [p0, p1) by ``delta`` positions; llama.cpp re-rotates their
+        keys at the next decode. A cell shared with other sequences moves for them too."""
+        self._lib.llama_memory_seq_add(self.memory, seq, p0, p1, delta)
 
     def save_seq(self, seq: int) -> bytes:
         """One sequence's state (its KV cells), as llama.cpp serialises it."""
