@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from server.engine.chunk_reuse import Chunk, Plan, apply, plan
+from server.engine.chunk_reuse import Chunk, Plan, ShiftCost, apply, plan
 
 SCRATCH = 9
 
@@ -327,3 +327,12 @@ def test_cells_two_choices_share_stay_where_they_are(reuse_server):
     again, n_text, cached = complete(reuse_server, text)
     assert cached == n_text - 1
     assert again["text"].startswith(both.choices[0].text)
+
+
+def test_cells_move_only_when_evaluating_them_again_would_cost_more():
+    cost = ShiftCost()
+    cost.shift_s, cost.token_s = 1.0, 0.01  # as if measured: a move costs 100 tokens
+    in_place = Plan(10, (Chunk(50, 50, 30),))
+    assert in_place.moved == 0 and cost.pays(None, in_place, 0, 512)  # nothing moves
+    assert not cost.pays(None, Plan(10, (Chunk(50, 52, 80),)), 0, 512)
+    assert cost.pays(None, Plan(10, (Chunk(50, 52, 80), Chunk(140, 150, 40))), 0, 512)

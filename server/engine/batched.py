@@ -91,6 +91,7 @@ class BatchedEngine:
         )
         self.kv_cells = cfg.n_ctx * slots
         self._speculation = BatchSpeculation(model, self._ctx, self._n_batch)
+        self._shift_cost = chunk_reuse.ShiftCost()
         self._slots = [Slot(i) for i in range(slots)]
         self._incoming: list[Group] = []
         # A step's events, handed over just before the next llama_decode (see _flush).
@@ -247,6 +248,9 @@ class BatchedEngine:
         held, reuse = plans[primary]
         if primary.tokens is not held:  # a saved state was restored into it
             reuse = reuse_plan(primary)
+        filler = max(self.model.info.bos_id or 0, 0)
+        if not self._shift_cost.pays(self._ctx, reuse, filler, self._n_batch):
+            reuse = chunk_reuse.Plan(reuse.prefix)
         keep = reuse.prefix
         cut = primary.tokens[keep:]
         if self.prompt_cache.worth_saving(cut) and not self.prompt_cache.holds(primary.tokens):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -64,6 +65,11 @@ class Plan:
     def reused(self) -> int:
         """Prompt tokens whose cells are kept rather than evaluated."""
         return self.prefix + sum(c.length for c in self.chunks)
+
+    @property
+    def moved(self) -> int:
+        """Kept tokens whose cells change position (each move re-rotates the whole buffer)."""
+        return sum(c.length for c in self.chunks if c.dst != c.src)
 
     @property
     def gap(self) -> int:
@@ -192,3 +198,47 @@ def apply(
     finally:
         kv.seq_rm(scratch, -1, -1)
     return p
+
+
+class ShiftCost:
+    """Whether moving cells pays: llama.cpp re-rotates the keys of every cell of the KV buffer
+    (all slots, all layers) at the decode after a move, whatever was moved, so with a large
+    buffer and a short chunk evaluating the chunk again is cheaper. Both costs are measured once
+    on this context, in the scratch sequence, the first time a plan would move cells."""
+
+    def __init__(self) -> None:
+        self.shift_s: float | None = None  # what one move adds to a decode
+        self.token_s = 0.0  # one prompt token evaluated in a batch
+
+    def pays(self, kv: KvCache, p: Plan, filler: int, n_batch: int) -> bool:
+        if not p.moved:
+            return True
+        if self.shift_s is None:
+            self._measure(kv, filler, min(64, n_batch))
+        assert self.shift_s is not None
+        return p.moved * self.token_s > self.shift_s
+
+    def _measure(self, kv: KvCache, filler: int, n: int) -> None:
+        s = kv.scratch_seq
+
+        def timed(entries: list[tuple[int, int, int, bool]]) -> float:
+            t0 = time.perf_counter()
+            kv.decode(entries)
+            return time.perf_counter() - t0
+
+        try:
+            timed([(filler, i, s, False) for i in range(n)])  # warm-up
+            kv.seq_rm(s, -1, -1)
+            self.token_s = timed([(filler, i, s, False) for i in range(n)]) / n
+            plain = timed([(filler, n, s, False)])
+            kv.seq_add(s, 0, n + 1, 1)
+            self.shift_s = max(0.0, timed([(filler, n + 2, s, False)]) - plain)
+        finally:
+            kv.seq_rm(s, -1, -1)
+        log.info(
+            "chunk reuse: moving cells costs %.1f ms a time, a prompt token %.2f ms: a move pays "
+            "from %d tokens",
+            self.shift_s * 1e3,
+            self.token_s * 1e3,
+            int(self.shift_s / self.token_s) + 1 if self.token_s else 0,
+        )
