@@ -179,6 +179,8 @@ class BatchedEngine:
                     self._flush()
                     return
             try:
+                if self._incoming:  # starting one may evaluate or measure for a while
+                    self._flush()
                 self._admit()
                 self._step()
             except Exception as e:  # a failed decode fails the requests in it, not the server
