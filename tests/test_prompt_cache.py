@@ -87,3 +87,31 @@ def test_a_restored_prompt_gives_the_cold_text_and_the_bound_holds(model_path, r
                 assert text_back == text_cold
     finally:
         worker.close()
+
+
+def test_short_prompts_sent_round_robin_stay_cached(model_path, registry):
+    """Eight short prompts in turn (an editor completing in several places): each finds its
+    cache again, though none is worth the host-RAM cache."""
+    cfg = registry.models["smollm2-135m"].model_copy(update={"n_ctx": 512})
+    engine = BatchedEngine(Model.load(model_path, cfg), slots=8, prompt_cache_mb=8)
+    worker = ModelWorker("m", engine, queue_size=8, queue_timeout_s=60)
+    prompts = [engine.tokenize(f"def task_{i}(items):\n    ", add_bos=True) for i in range(8)]
+    assert all(len(p) < MIN_REUSE for p in prompts)
+
+    async def cached(prompt: list[int]) -> int:
+        req = GenerationRequest(prompt, 4, sampling=SamplingParams(temperature=0))
+        async for ev in worker.stream(req):
+            if isinstance(ev, Finished):
+                return ev.timings.cached_tokens
+        raise AssertionError("no Finished event")
+
+    async def laps() -> list[int]:
+        for p in prompts:
+            await cached(p)
+        return [await cached(p) for p in prompts]
+
+    try:
+        second = asyncio.run(laps())
+        assert second == [len(p) - 1 for p in prompts]
+    finally:
+        worker.close()

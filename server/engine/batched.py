@@ -8,11 +8,14 @@ others' decoding. `n` choices share one evaluation of the prompt: its KV cache i
 choice's sequence, which then samples with its own seed.
 
 One decode-loop thread owns the context; `submit()` hands it a request and it emits the request's
-events itself, straight from the loop (no thread per request: on 2 cores each thread woken per
-token steals time from llama.cpp's spinning threads). A slot keeps its KV cache after its request,
-for the next one sharing a prefix, as long as it is among the RETAINED most recently used idle
-slots; older ones are saved to a host-RAM prompt cache (server.engine.prompt_cache) and restored
-into a free slot when a later prompt shares more with them than with any slot.
+events itself, gathered per step and handed over right before the next llama_decode (no thread
+per request: on 2 cores each thread woken per token steals time from llama.cpp's threads). A slot
+keeps its KV cache after its request, for the next one sharing a prefix, as long as it is among
+the RETAINED most recently used idle slots or short (see _forget_idle); older ones are saved to a
+host-RAM prompt cache (server.engine.prompt_cache) and restored into a free slot when a later
+prompt shares more with them than with any slot. Greedy sequences may speculate with prompt
+lookup inside the shared step (server.engine.batch_speculation), and a prompt that differs from
+a cache by an edited or removed span may keep the cells after it (server.engine.chunk_reuse).
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ from server.errors import InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
-# Idle slots whose KV cache is kept for prefix reuse (see BatchedEngine._forget_idle).
+# Idle slots whose KV cache is kept for prefix reuse (see BatchedEngine._forget_idle): the most
+# recent ones whatever their size, then more while their cells stay within a small budget.
 RETAINED = 2
+IDLE_CELLS = 1024
 
 
 class BatchedEngine:
@@ -245,6 +250,10 @@ class BatchedEngine:
         # The most reused tokens; among equals the slot idle longest, so recent caches survive.
         plans = {s: (s.tokens, reuse_plan(s)) for s in free}
         primary = max(free, key=lambda s: (plans[s][1].reused, -s.released))
+        if plans[primary][1].reused * 2 < len(prompt):
+            # Little to reuse anywhere: take an empty slot, else the one idle longest, rather
+            # than overwrite a cache its own prompt may come back to (llama-server's rule too).
+            primary = min(free, key=lambda s: (bool(s.tokens), s.released))
         if not cold:
             primary = self._restore_if_better(primary, free, prompt)
         held, reuse = plans[primary]
@@ -302,18 +311,25 @@ class BatchedEngine:
         slot.tokens = []
 
     def _forget_idle(self) -> None:
-        """Drop the caches of idle slots beyond the RETAINED most recently used.
+        """Drop the caches of idle slots beyond the RETAINED most recently used, unless they
+        are short enough to fit in IDLE_CELLS together.
 
         All sequences share one KV buffer, and attention spans every cell up to the highest one
-        in use, so an idle slot's cache slows every step (measured: four idle 1300-token caches
-        cut a lone stream from 117 to 94 tokens/s). The most recent ones are kept: an editor's
-        next keystroke, or a chat's next turn, reuses them.
+        in use, so idle cells slow every step (measured: four idle 1300-token caches cut a lone
+        stream from 117 to 94 tokens/s). The most recent ones are kept: an editor's next
+        keystroke, or a chat's next turn, reuses them; and so are short ones (an editor's
+        completions in several places, a test's prompts), which cost little and would otherwise
+        be evaluated again each time (too short to be worth the host-RAM prompt cache).
         """
         idle = sorted(
             (s for s in self._slots if not s.busy and s.tokens), key=lambda s: -s.released
         )
+        spare = IDLE_CELLS
         for slot in idle[RETAINED:]:
-            self._drop_cache(slot)
+            if len(slot.tokens) <= spare:
+                spare -= len(slot.tokens)
+            else:
+                self._drop_cache(slot)
 
     def _new_choice(self, g: Group, slot: Slot, state: str) -> None:
         seed = (g.base_seed + g.next_index) & 0x7FFFFFFF
