@@ -118,7 +118,7 @@ def bench_target(path: Path, kv: str, rounds: int, n: int) -> dict:
             same["eight"][0] += a == b
             same["eight"][1] += 1
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr)
-    cost = engine._cost
+    cost = engine._speculation.cost
     engine.close()
     rows = []
     for (workload, mode), runs in single.items():

@@ -133,3 +133,13 @@ def test_busy_load_starts_and_stops_its_processes():
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_batched_speculation_bench_reports_both_modes(model_path):
+    from bench.batched_speculation import bench_target, markdown
+
+    rep = bench_target(model_path, "q8_0", rounds=1, n=1)
+    modes = {(r["streams"], r["mode"]) for r in rep["rows"]}
+    assert modes == {(s, m) for s in (1, 8) for m in ("off", "prompt_lookup")}
+    assert rep["cost"] and "verify(n)/step" in rep["cost"]
+    assert "| 8 |" in markdown({"targets": [rep]})
