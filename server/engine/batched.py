@@ -263,8 +263,8 @@ class BatchedEngine:
         if not self._shift_cost.pays(self._ctx, reuse, filler, self._n_batch):
             reuse = chunk_reuse.Plan(reuse.prefix)
         keep = reuse.prefix
-        cut = primary.tokens[keep:]
-        if self.prompt_cache.worth_saving(cut) and not self.prompt_cache.holds(primary.tokens):
+        cache = self.prompt_cache
+        if cache.worth_saving_before_cut(primary.tokens, keep) and not cache.holds(primary.tokens):
             # The slot's cache is about to be cut short: keep the whole of it in host RAM.
             self.prompt_cache.put(primary.tokens, self._ctx.save_seq(primary.seq_id))
         reuse = chunk_reuse.apply(

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from server.engine.sampling import common_prefix
 
-# Shorter prefixes are evaluated again: restoring costs a copy of the state, and short prompts
-# are cheap to evaluate.
-MIN_REUSE = 64
+# Shorter prefixes are evaluated again: restoring costs a copy of the state, and a few tokens
+# are cheap to evaluate; an editor's short completion prompts are not (a step per batch of them).
+MIN_REUSE = 8
+MIN_CUT = 64
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,13 @@ class PromptCache:
 
     def worth_saving(self, tokens: Sequence[int]) -> bool:
         return self.max_bytes > 0 and len(tokens) >= MIN_REUSE
+
+    def worth_saving_before_cut(self, tokens: Sequence[int], keep: int) -> bool:
+        """Whether a cache about to lose all but ``keep`` tokens is worth saving whole first: when
+        (nearly) all of it goes, or a long tail (a completion's few generated tokens are not worth
+        a copy of the state, which would push older prompts out)."""
+        losing_most = keep < MIN_REUSE or len(tokens) - keep >= MIN_CUT
+        return losing_most and self.worth_saving(tokens)
 
     def holds(self, tokens: Sequence[int]) -> bool:
         """Whether exactly this sequence is saved already (a restored one, say)."""
