@@ -122,10 +122,10 @@ def source_files(
     Evenly spread over this repository's server/ modules long enough to give that size.
     """
     count = count or (lambda text: len(text) * 10 // 37)
-    long_enough = int(n_tokens * 37 / 10 * 1.5)  # room for the densest tokenization
-    paths = sorted(p for p in (REPO / "server").rglob("*.py") if len(p.read_text()) >= long_enough)
+    # Judged by `count` itself: a file long in characters can still be short in tokens.
+    paths = sorted(p for p in (REPO / "server").rglob("*.py") if count(p.read_text()) > n_tokens)
     if len(paths) < n:
-        raise ValueError(f"fewer than {n} files in server/ have {long_enough} characters")
+        raise ValueError(f"fewer than {n} files in server/ have more than {n_tokens} tokens")
     out = []
     for p in (paths[i * len(paths) // n] for i in range(n)):
         lines = f"# {salt} {p.relative_to(REPO)}\n{p.read_text()}".splitlines(keepends=True)

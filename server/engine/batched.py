@@ -46,7 +46,7 @@ from server.engine.batch_speculation import BatchSpeculation
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
 from server.engine.model import Model
-from server.engine.prompt_cache import PromptCache
+from server.engine.prompt_cache import MIN_REUSE, PromptCache
 from server.engine.sampling import common_prefix, logprob_entry, sampler_chain
 from server.engine.text import TextReleaser
 from server.errors import InvalidRequest, ModelUnavailable
@@ -250,7 +250,7 @@ class BatchedEngine:
         # The most reused tokens; among equals the slot idle longest, so recent caches survive.
         plans = {s: (s.tokens, reuse_plan(s)) for s in free}
         primary = max(free, key=lambda s: (plans[s][1].reused, -s.released))
-        if plans[primary][1].reused * 2 < len(prompt):
+        if plans[primary][1].reused < min(limit, max(len(prompt) // 10, MIN_REUSE)):
             # Little to reuse anywhere: take an empty slot, else the one idle longest, rather
             # than overwrite a cache its own prompt may come back to (llama-server's rule too).
             primary = min(free, key=lambda s: (bool(s.tokens), s.released))
@@ -318,8 +318,7 @@ class BatchedEngine:
         in use, so idle cells slow every step (measured: four idle 1300-token caches cut a lone
         stream from 117 to 94 tokens/s). The most recent ones are kept: an editor's next
         keystroke, or a chat's next turn, reuses them; and so are short ones (an editor's
-        completions in several places, a test's prompts), which cost little and would otherwise
-        be evaluated again each time (too short to be worth the host-RAM prompt cache).
+        completions in several places), which cost little here and need no restore.
         """
         idle = sorted(
             (s for s in self._slots if not s.busy and s.tokens), key=lambda s: -s.released
