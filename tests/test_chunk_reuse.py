@@ -276,7 +276,7 @@ def assert_near_cold(cold: dict, warm: dict) -> None:
 
     # The moved cells were computed in the old context: the text may part from the cold one
     # only where the cold run's two best tokens nearly tie (the rule for batch shapes).
-    gap = first_divergence_gap(cold, warm["text"])
+    gap = first_divergence_gap(cold, warm["logprobs"]["tokens"])
     assert gap is None or gap < 0.3, (gap, cold["text"], warm["text"])
 
 
