@@ -55,7 +55,7 @@ LATENCY = [
     S("json", "JSON encoding (json.dumps)", "loop", "chunk_built", "json_end"),
     S("sse", "SSE framing (sse-starlette)", "loop", "json_end", "sse_send"),
     S("middleware", "ASGI middleware stack", "loop", "sse_send", "asgi_send"),
-    S("http", "uvicorn HTTP/1.1 framing (h11)", "loop", "asgi_send", "wire"),
+    S("http", "uvicorn HTTP/1.1 framing (httptools or h11)", "loop", "asgi_send", "wire"),
     S("receipt", "socket write → client has the frame", "client", "wire", "client"),
 ]
 LATENCY_TOTAL = S(

@@ -91,3 +91,28 @@ def test_dockerfile_installs_with_the_same_script_and_no_extra():
     dockerfile = (REPO / "Dockerfile").read_text()
     (run,) = [ln for ln in dockerfile.splitlines() if ln.startswith("RUN ") and "install.sh" in ln]
     assert run.rstrip().endswith("scripts/install.sh /opt/venv"), run
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
+def test_serving_runs_on_uvicorns_c_loop_and_parser(registry):
+    # Every streamed token passes through the event loop and the HTTP writer: without these two
+    # uvicorn silently falls back to asyncio + h11 (bench/results/2026-11-22-uvloop.md).
+    import uvloop
+    from httptools import HttpRequestParser  # noqa: F401
+
+    from server import serving
+    from server.api.app import create_app
+    from server.settings import ServerSettings
+    from tests.conftest import make_settings
+
+    settings: ServerSettings = make_settings()
+    server = serving.make_server(create_app(settings, registry), settings)
+    server.config.load()
+    assert server.config.http_protocol_class.__module__.endswith("httptools_impl")
+    factory = server.config.get_loop_factory()
+    assert factory is not None
+    loop = factory()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
