@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from server.engine.base import Finished, GenerationRequest, SamplingParams
-from server.engine.batched import BatchedEngine
+from server.engine.base import Delta, Finished, GenerationRequest, SamplingParams
+from server.engine.batched import IDLE_CELLS, BatchedEngine
 from server.engine.model import Model
 from server.engine.prompt_cache import MIN_REUSE, PromptCache
 from server.scheduler import ModelWorker
@@ -113,6 +113,43 @@ def test_short_prompts_sent_round_robin_stay_cached(model_path, registry):
     try:
         second = asyncio.run(laps())
         assert second == [len(p) - 1 for p in prompts]
+        assert engine.prompt_cache.hits == 0  # all found in the KV buffer
+    finally:
+        worker.close()
+
+
+def test_a_long_idle_cache_leaves_the_buffer_and_comes_back_from_host_ram(model_path, registry):
+    """Idle cells slow every step, so an idle cache beyond IDLE_CELLS is saved and freed when
+    the next request starts; going back to its prompt restores it whole."""
+    cfg = registry.models["smollm2-135m"].model_copy(update={"n_ctx": 1024})
+    engine = BatchedEngine(Model.load(model_path, cfg), slots=4, prompt_cache_mb=64)
+    worker = ModelWorker("m", engine, queue_size=4, queue_timeout_s=60)
+    source = "".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n\n" for i in range(40))
+    long = engine.tokenize(source, add_bos=True)
+    short = engine.tokenize("def main():\n    ", add_bos=True)
+    assert IDLE_CELLS < len(long) < cfg.n_ctx - 8
+
+    async def run(prompt: list[int]) -> tuple[int, str]:
+        req = GenerationRequest(prompt, 4, sampling=SamplingParams(temperature=0))
+        text, cached = "", -1
+        async for ev in worker.stream(req):
+            if isinstance(ev, Delta):
+                text += ev.text
+            elif isinstance(ev, Finished):
+                cached = ev.timings.cached_tokens
+        return cached, text
+
+    async def visits() -> None:
+        await run(long)
+        await run(short)  # the long prompt's cache is idle now: out of the buffer
+        assert engine.kv_tokens() <= len(short) + 4
+        assert engine.prompt_cache.bytes_held > 0
+        cached, _ = await run(long)
+        assert cached == len(long) - 1  # restored whole, only the last token evaluated
+        assert engine.prompt_cache.hits == 1
+
+    try:
+        asyncio.run(visits())
     finally:
         worker.close()
 

@@ -10,10 +10,10 @@ choice's sequence, which then samples with its own seed.
 One decode-loop thread owns the context; `submit()` hands it a request and it emits the request's
 events itself, gathered per step and handed over right before the next llama_decode (no thread
 per request: on 2 cores each thread woken per token steals time from llama.cpp's threads). A slot
-keeps its KV cache after its request, for the next one sharing a prefix, as long as it is among
-the RETAINED most recently used idle slots or short (see _forget_idle); older ones are saved to a
-host-RAM prompt cache (server.engine.prompt_cache) and restored into a free slot when a later
-prompt shares more with them than with any slot. Greedy sequences may speculate with prompt
+keeps its KV cache after its request, for the next one sharing a prefix, while the idle caches
+fit in a small budget of cells (see _forget_idle); the others are saved to a host-RAM prompt
+cache (server.engine.prompt_cache) and restored into a free slot when a later prompt shares more
+with them than with any slot. Greedy sequences may speculate with prompt
 lookup inside the shared step (server.engine.batch_speculation), and a prompt that differs from
 a cache by an edited or removed span may keep the cells after it (server.engine.chunk_reuse).
 """
@@ -53,10 +53,9 @@ from server.errors import InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
-# Idle slots whose KV cache is kept for prefix reuse (see BatchedEngine._forget_idle): the most
-# recent ones whatever their size, then more while their cells stay within a small budget.
-RETAINED = 2
-IDLE_CELLS = 1024
+# Idle slots' KV caches stay in the buffer, most recently used first, while their cells fit in
+# this budget (see BatchedEngine._forget_idle); the others go to the host-RAM prompt cache.
+IDLE_CELLS = 512
 
 
 class BatchedEngine:
@@ -311,20 +310,20 @@ class BatchedEngine:
         slot.tokens = []
 
     def _forget_idle(self) -> None:
-        """Drop the caches of idle slots beyond the RETAINED most recently used, unless they
-        are short enough to fit in IDLE_CELLS together.
+        """Keep idle slots' caches, most recently used first, while their cells fit in
+        IDLE_CELLS together; save the others to host RAM and free their cells.
 
-        All sequences share one KV buffer, and attention spans every cell up to the highest one
-        in use, so idle cells slow every step (measured: four idle 1300-token caches cut a lone
-        stream from 117 to 94 tokens/s). The most recent ones are kept: an editor's next
-        keystroke, or a chat's next turn, reuses them; and so are short ones (an editor's
-        completions in several places), which cost little here and need no restore.
+        All sequences share one KV buffer, and attention scans every cell up to the highest one
+        in use, so idle cells slow every step of every stream, while a restore from host RAM is
+        a copy of the state, thousands of times cheaper than evaluating it (both measured in
+        bench/results/2026-11-22-uvloop.md). Short caches stay: an editor's completions in
+        several places reuse them without even a restore.
         """
         idle = sorted(
             (s for s in self._slots if not s.busy and s.tokens), key=lambda s: -s.released
         )
         spare = IDLE_CELLS
-        for slot in idle[RETAINED:]:
+        for slot in idle:
             if len(slot.tokens) <= spare:
                 spare -= len(slot.tokens)
             else:
