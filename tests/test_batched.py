@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -84,7 +85,7 @@ def first_divergence_gap(alone: dict, other: list[str]) -> float | None:
     if k is None:  # one is a prefix of the other: they differ where the shorter one stopped
         k = min(len(tokens), len(other))
         if k == len(tokens):
-            return None  # the alone run stopped (a stop token) where the other went on
+            return math.inf  # the alone run ended there: its logprobs cannot tell how close it was
     top = sorted(alone["logprobs"]["top_logprobs"][k].values(), reverse=True)
     return top[0] - top[1]
 
