@@ -37,6 +37,19 @@ async def blocking(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> 
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
+# Tokenizing a text shorter than this takes less than the hop to a worker thread and back
+# (measured in bench/results/2026-11-22-uvloop.md), so it runs on the event loop.
+INLINE_CHARS = 2_000
+
+
+async def tokenizing(chars: int, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run ``fn``, which tokenizes about ``chars`` characters of text: on the event loop when
+    that is short (an editor's completion), else on a thread as ``blocking`` does."""
+    if chars < INLINE_CHARS:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
 _LEASES = "model_leases"
 
 

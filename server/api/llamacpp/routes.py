@@ -76,7 +76,9 @@ _ANSWERS: dict[int | str, dict[str, Any]] = {
 async def completion(body: CompletionRequest, request: Request) -> Answer:
     worker = await relay.model_worker(request, body.model)
     if isinstance(body.prompt, str):
-        prompt = worker.engine.tokenize(body.prompt, add_bos=True, special=True)
+        prompt = await relay.tokenizing(
+            len(body.prompt), worker.engine.tokenize, body.prompt, add_bos=True, special=True
+        )
     else:
         _check_ids(worker, body.prompt, "prompt")
         prompt = list(body.prompt)
@@ -89,12 +91,16 @@ async def completion(body: CompletionRequest, request: Request) -> Answer:
 async def infill(body: InfillRequest, request: Request) -> Answer:
     worker = await relay.model_worker(request, body.model)
     # llama-server appends `prompt` to the prefix, so it survives any trimming of the prefix.
-    prompt = fim_prompt(
+    extra = [ExtraFile(c.filename, c.text) for c in body.input_extra]
+    prefix = body.input_prefix + body.prompt
+    prompt = await relay.tokenizing(
+        len(prefix) + len(body.input_suffix) + sum(len(e.text) for e in extra),
+        fim_prompt,
         worker.engine,
-        body.input_prefix + body.prompt,
+        prefix,
         body.input_suffix,
         max_tokens=body.requested_tokens(),
-        extra=[ExtraFile(c.filename, c.text) for c in body.input_extra],
+        extra=extra,
         suffix_param="input_suffix",
     )
     return await generate(worker, body, prompt, request, "llamacpp-infill")

@@ -78,12 +78,18 @@ async def create_completion(
     if body.suffix is not None:
         if not isinstance(body.prompt, str):
             raise InvalidRequest("with `suffix`, `prompt` must be a string", param="prompt")
-        prompt = await relay.blocking(
-            _fim_tokens, engine, body.prompt, body.suffix, body.max_tokens, body
+        prompt = await relay.tokenizing(
+            len(body.prompt) + len(body.suffix),
+            _fim_tokens,
+            engine,
+            body.prompt,
+            body.suffix,
+            body.max_tokens,
+            body,
         )
         prompt_text = body.prompt
     elif isinstance(body.prompt, str):
-        prompt = await relay.blocking(_tokens, engine, body.prompt)
+        prompt = await relay.tokenizing(len(body.prompt), _tokens, engine, body.prompt)
         prompt_text = body.prompt
     else:
         ids = cast(list[int], body.prompt)  # one prompt of token ids (see the request's validator)

@@ -44,7 +44,8 @@ async def create_fim_completion(
 ) -> Response | ChatCompletionResponse | None:
     worker = await relay.model_worker(request, body.model, keep_alive=body.keep_alive)
     engine = worker.engine
-    prompt = await relay.blocking(_fim_tokens, engine, body)
+    chars = len(body.prompt) + len(body.suffix or "")
+    prompt = await relay.tokenizing(chars, _fim_tokens, engine, body)
     sampling = params.sampling_params(body)
     if body.random_seed is not None and body.seed is None:
         sampling = replace(sampling, seed=body.random_seed)
