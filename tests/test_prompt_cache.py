@@ -7,9 +7,10 @@ import asyncio
 import pytest
 
 from server.engine.base import Delta, Finished, GenerationRequest, SamplingParams
-from server.engine.batched import IDLE_CELLS, BatchedEngine
+from server.engine.batched import BatchedEngine
 from server.engine.model import Model
 from server.engine.prompt_cache import MIN_REUSE, PromptCache
+from server.engine.slot_cache import IDLE_CELLS
 from server.scheduler import ModelWorker
 
 

@@ -10,12 +10,9 @@ choice's sequence, which then samples with its own seed.
 One decode-loop thread owns the context; `submit()` hands it a request and it emits the request's
 events itself, gathered per step and handed over right before the next llama_decode (no thread
 per request: on 2 cores each thread woken per token steals time from llama.cpp's threads). A slot
-keeps its KV cache after its request, for the next one sharing a prefix, while the idle caches
-fit in a small budget of cells (see _forget_idle); the others are saved to a host-RAM prompt
-cache (server.engine.prompt_cache) and restored into a free slot when a later prompt shares more
-with them than with any slot. Greedy sequences may speculate with prompt
-lookup inside the shared step (server.engine.batch_speculation), and a prompt that differs from
-a cache by an edited or removed span may keep the cells after it (server.engine.chunk_reuse).
+keeps its KV cache after its request for the next one sharing a prefix; which slot a prompt
+takes and which idle caches stay in the buffer is server.engine.slot_cache. Greedy sequences may
+speculate with prompt lookup inside the shared step (server.engine.batch_speculation).
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ import random
 import threading
 import time
 
-from server.engine import chunk_reuse
 from server.engine.base import (
     CacheStats,
     CancelFlag,
@@ -46,16 +42,13 @@ from server.engine.batch_speculation import BatchSpeculation
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
 from server.engine.model import Model
-from server.engine.prompt_cache import MIN_REUSE, PromptCache
-from server.engine.sampling import common_prefix, logprob_entry, sampler_chain
+from server.engine.prompt_cache import PromptCache
+from server.engine.sampling import logprob_entry, sampler_chain
+from server.engine.slot_cache import SlotCaches
 from server.engine.text import TextReleaser
 from server.errors import InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
-
-# Idle slots' KV caches stay in the buffer, most recently used first, while their cells fit in
-# this budget (see BatchedEngine._forget_idle); the others go to the host-RAM prompt cache.
-IDLE_CELLS = 512
 
 
 class BatchedEngine:
@@ -95,8 +88,8 @@ class BatchedEngine:
         )
         self.kv_cells = cfg.n_ctx * slots
         self._speculation = BatchSpeculation(model, self._ctx, self._n_batch)
-        self._shift_cost = chunk_reuse.ShiftCost()
         self._slots = [Slot(i) for i in range(slots)]
+        self._caches = SlotCaches(self._ctx, model, self._slots, self.prompt_cache, self._n_batch)
         self._incoming: list[Group] = []
         # A step's events, handed over just before the next llama_decode (see _flush).
         self._outbox: list[tuple[EventSink, Event]] = []
@@ -222,61 +215,19 @@ class BatchedEngine:
     def _start_group(self, g: Group) -> None:
         prompt = g.req.prompt
         free = self._free_slots()
+        # A seeded request starts cold for reproducible text (logits depend on how a prompt was
+        # batched).
         cold = g.req.sampling.seed is not None and g.req.sampling.temperature > 0
-        # Keep at least one prompt token to evaluate: its logits start every choice. A seeded
-        # request starts cold for reproducible text (logits depend on how a prompt was batched).
-        limit = 0 if cold else len(prompt) - 1
-        cfg = self.model.cfg
-        # Chunks reused from a cache (server.engine.chunk_reuse) are evaluated up to a step's
-        # prompt budget at once; cells move only where the model's positions allow it.
-        min_chunk = cfg.cache_reuse if self._ctx.can_shift else 0
         budget = self._prefill_chunk if self._groups else self._n_batch
-
-        def reuse_plan(slot: Slot) -> chunk_reuse.Plan:
-            if not slot.tokens:
-                return chunk_reuse.Plan(0)
-            # Cells a slot shares with other sequences (n choices) lie in their common prefix.
-            others = (common_prefix(s.tokens, slot.tokens) for s in self._slots if s is not slot)
-            return chunk_reuse.plan(
-                slot.tokens,
-                prompt,
-                min_chunk=min_chunk,
-                limit=limit,
-                max_gap=budget,
-                movable_from=max(others, default=0),
-            )
-
-        # The most reused tokens; among equals the slot idle longest, so recent caches survive.
-        plans = {s: (s.tokens, reuse_plan(s)) for s in free}
-        primary = max(free, key=lambda s: (plans[s][1].reused, -s.released))
-        if plans[primary][1].reused < min(limit, max(len(prompt) // 10, MIN_REUSE)):
-            # Little to reuse anywhere: take an empty slot, else the one idle longest, rather
-            # than overwrite a cache its own prompt may come back to (llama-server's rule too).
-            primary = min(free, key=lambda s: (bool(s.tokens), s.released))
-        if not cold:
-            primary = self._restore_if_better(primary, free, prompt)
-        held, reuse = plans[primary]
-        if primary.tokens is not held:  # a saved state was restored into it
-            reuse = reuse_plan(primary)
-        filler = max(self.model.info.bos_id or 0, 0)
-        if not self._shift_cost.pays(self._ctx, reuse, filler, self._n_batch):
-            reuse = chunk_reuse.Plan(reuse.prefix)
-        keep = reuse.prefix
-        cache = self.prompt_cache
-        if cache.worth_saving_before_cut(primary.tokens, keep) and not cache.holds(primary.tokens):
-            # The slot's cache is about to be cut short: keep the whole of it in host RAM.
-            self.prompt_cache.put(primary.tokens, self._ctx.save_seq(primary.seq_id))
-        reuse = chunk_reuse.apply(
-            self._ctx, primary.seq_id, len(primary.tokens), prompt, reuse, self._n_batch
-        )
-        primary.tokens = prompt[: reuse.end]
+        placed = self._caches.place(prompt, free, cold=cold, budget=budget)
+        primary = placed.slot
         primary.busy = True
-        g.primary, g.cached, g.pending = primary, reuse.reused, prompt[reuse.end :]
+        g.primary, g.cached, g.pending = primary, placed.cached, prompt[placed.end :]
         if g.req.max_tokens <= 0:
             # A warm-up (llama-server's n_predict 0): evaluate the prompt into the cache, then
             # finish every choice without sampling (see _prompt_ready).
             self._new_choice(g, primary, state="prefill")
-            self._forget_idle()
+            self._caches.forget_idle()
             return
         # Further choices take the slots idle longest, sparing the recent caches worth keeping.
         spare = sorted((s for s in free if s is not primary), key=lambda s: s.released)
@@ -284,50 +235,7 @@ class BatchedEngine:
         for slot in [primary, *extra]:
             slot.busy = True
             self._new_choice(g, slot, state="prefill")
-        self._forget_idle()
-
-    def _restore_if_better(self, primary: Slot, free: list[Slot], prompt: list[int]) -> Slot:
-        """A saved prompt state sharing more of ``prompt`` than any slot, restored into the free
-        slot idle longest (whose own cache is saved first), else ``primary`` unchanged."""
-        saved = self.prompt_cache.take(prompt, better_than=common_prefix(primary.tokens, prompt))
-        if saved is None:
-            return primary
-        target = min(free, key=lambda s: (bool(s.tokens), s.released))
-        self._drop_cache(target)
-        if not self._ctx.restore_seq(target.seq_id, saved.state):
-            log.warning("could not restore a saved prompt state (%d bytes)", len(saved.state))
-            self._ctx.seq_rm(target.seq_id, -1, -1)
-            return primary
-        target.tokens = list(saved.tokens)
-        return target
-
-    def _drop_cache(self, slot: Slot) -> None:
-        """Free a slot's KV cells, keeping its state in host RAM when it is worth it."""
-        cache = self.prompt_cache
-        if cache.worth_saving(slot.tokens) and not cache.holds(slot.tokens):
-            self.prompt_cache.put(slot.tokens, self._ctx.save_seq(slot.seq_id))
-        self._ctx.seq_rm(slot.seq_id, -1, -1)
-        slot.tokens = []
-
-    def _forget_idle(self) -> None:
-        """Keep idle slots' caches, most recently used first, while their cells fit in
-        IDLE_CELLS together; save the others to host RAM and free their cells.
-
-        All sequences share one KV buffer, and attention scans every cell up to the highest one
-        in use, so idle cells slow every step of every stream, while a restore from host RAM is
-        a copy of the state, thousands of times cheaper than evaluating it (both measured in
-        bench/results/2026-11-22-uvloop.md). Short caches stay: an editor's completions in
-        several places reuse them without even a restore.
-        """
-        idle = sorted(
-            (s for s in self._slots if not s.busy and s.tokens), key=lambda s: -s.released
-        )
-        spare = IDLE_CELLS
-        for slot in idle:
-            if len(slot.tokens) <= spare:
-                spare -= len(slot.tokens)
-            else:
-                self._drop_cache(slot)
+        self._caches.forget_idle()
 
     def _new_choice(self, g: Group, slot: Slot, state: str) -> None:
         seed = (g.base_seed + g.next_index) & 0x7FFFFFFF

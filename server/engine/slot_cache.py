@@ -1,0 +1,145 @@
+"""Which slot a new prompt starts in, which cached cells it keeps, and which idle caches stay.
+
+Every slot keeps its KV cache after its request, for the next prompt sharing a prefix. A new
+prompt takes the free slot it can reuse most of (a common prefix, plus runs after an edited span
+moved into place: server.engine.chunk_reuse), or a saved state from the host-RAM prompt cache
+(server.engine.prompt_cache) when that offers more. Idle caches stay in the KV buffer while they
+fit in a small budget of cells; the others are saved to host RAM and their cells freed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from server.engine import chunk_reuse
+from server.engine.batch_state import Slot
+from server.engine.binding import BatchContext
+from server.engine.model import Model
+from server.engine.prompt_cache import MIN_REUSE, PromptCache
+from server.engine.sampling import common_prefix
+
+log = logging.getLogger(__name__)
+
+# Idle slots' KV caches stay in the buffer, most recently used first, while their cells fit in
+# this budget (see SlotCaches.forget_idle); the others go to the host-RAM prompt cache.
+IDLE_CELLS = 512
+
+
+@dataclass(frozen=True)
+class Placement:
+    slot: Slot  # holds prompt[:end] once placed
+    cached: int  # prompt tokens whose cells came from a cache
+    end: int  # prompt[end:] is left to evaluate
+
+
+class SlotCaches:
+    def __init__(
+        self,
+        ctx: BatchContext,
+        model: Model,
+        slots: list[Slot],
+        prompt_cache: PromptCache,
+        n_batch: int,
+    ):
+        self._ctx = ctx
+        self._model = model
+        self._slots = slots
+        self.prompt_cache = prompt_cache
+        self._n_batch = n_batch
+        self._shift_cost = chunk_reuse.ShiftCost()
+
+    def place(self, prompt: list[int], free: list[Slot], *, cold: bool, budget: int) -> Placement:
+        """Choose the slot for ``prompt`` among ``free`` and leave in it the cells it reuses.
+
+        ``cold``: reuse nothing; ``budget``: the most tokens a chunk of reused cells may be
+        evaluated ahead of at once (a step's prompt budget).
+        """
+        # Keep at least one prompt token to evaluate: its logits start every choice.
+        limit = 0 if cold else len(prompt) - 1
+        # Cells move only where the model's positions allow it.
+        min_chunk = self._model.cfg.cache_reuse if self._ctx.can_shift else 0
+
+        def reuse_plan(slot: Slot) -> chunk_reuse.Plan:
+            if not slot.tokens:
+                return chunk_reuse.Plan(0)
+            # Cells a slot shares with other sequences (n choices) lie in their common prefix.
+            others = (common_prefix(s.tokens, slot.tokens) for s in self._slots if s is not slot)
+            return chunk_reuse.plan(
+                slot.tokens,
+                prompt,
+                min_chunk=min_chunk,
+                limit=limit,
+                max_gap=budget,
+                movable_from=max(others, default=0),
+            )
+
+        # The most reused tokens; among equals the slot idle longest, so recent caches survive.
+        plans = {s: (s.tokens, reuse_plan(s)) for s in free}
+        primary = max(free, key=lambda s: (plans[s][1].reused, -s.released))
+        if plans[primary][1].reused < min(limit, max(len(prompt) // 10, MIN_REUSE)):
+            # Little to reuse anywhere: take an empty slot, else the one idle longest, rather
+            # than overwrite a cache its own prompt may come back to (llama-server's rule too).
+            primary = min(free, key=lambda s: (bool(s.tokens), s.released))
+        if not cold:
+            primary = self._restore_if_better(primary, free, prompt)
+        held, reuse = plans[primary]
+        if primary.tokens is not held:  # a saved state was restored into it
+            reuse = reuse_plan(primary)
+        filler = max(self._model.info.bos_id or 0, 0)
+        if not self._shift_cost.pays(self._ctx, reuse, filler, self._n_batch):
+            reuse = chunk_reuse.Plan(reuse.prefix)
+        cache = self.prompt_cache
+        if cache.worth_saving_before_cut(primary.tokens, reuse.prefix) and not cache.holds(
+            primary.tokens
+        ):
+            # The slot's cache is about to be cut short: keep the whole of it in host RAM.
+            cache.put(primary.tokens, self._ctx.save_seq(primary.seq_id))
+        reuse = chunk_reuse.apply(
+            self._ctx, primary.seq_id, len(primary.tokens), prompt, reuse, self._n_batch
+        )
+        primary.tokens = prompt[: reuse.end]
+        return Placement(primary, reuse.reused, reuse.end)
+
+    def _restore_if_better(self, primary: Slot, free: list[Slot], prompt: list[int]) -> Slot:
+        """A saved prompt state sharing more of ``prompt`` than any slot, restored into the free
+        slot idle longest (whose own cache is saved first), else ``primary`` unchanged."""
+        saved = self.prompt_cache.take(prompt, better_than=common_prefix(primary.tokens, prompt))
+        if saved is None:
+            return primary
+        target = min(free, key=lambda s: (bool(s.tokens), s.released))
+        self._drop(target)
+        if not self._ctx.restore_seq(target.seq_id, saved.state):
+            log.warning("could not restore a saved prompt state (%d bytes)", len(saved.state))
+            self._ctx.seq_rm(target.seq_id, -1, -1)
+            return primary
+        target.tokens = list(saved.tokens)
+        return target
+
+    def _drop(self, slot: Slot) -> None:
+        """Free a slot's KV cells, keeping its state in host RAM when it is worth it."""
+        cache = self.prompt_cache
+        if cache.worth_saving(slot.tokens) and not cache.holds(slot.tokens):
+            cache.put(slot.tokens, self._ctx.save_seq(slot.seq_id))
+        self._ctx.seq_rm(slot.seq_id, -1, -1)
+        slot.tokens = []
+
+    def forget_idle(self) -> None:
+        """Keep idle slots' caches, most recently used first, while their cells fit in
+        IDLE_CELLS together; save the others to host RAM and free their cells.
+
+        All sequences share one KV buffer, and attention scans every cell up to the highest one
+        in use, so idle cells slow every step of every stream, while a restore from host RAM is
+        a copy of the state, thousands of times cheaper than evaluating it (both measured in
+        bench/results/2026-11-22-uvloop.md). Short caches stay: an editor's completions in
+        several places reuse them without even a restore.
+        """
+        idle = sorted(
+            (s for s in self._slots if not s.busy and s.tokens), key=lambda s: -s.released
+        )
+        spare = IDLE_CELLS
+        for slot in idle:
+            if len(slot.tokens) <= spare:
+                spare -= len(slot.tokens)
+            else:
+                self._drop(slot)
