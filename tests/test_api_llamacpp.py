@@ -101,7 +101,8 @@ def test_llama_vscode_infill_request(fim):
     assert isinstance(out["content"], str) and out["stop"] is True
     assert out["model"] == FIM_MODEL
     assert out["stop_type"] in ("eos", "limit", "word")
-    assert 0 < out["tokens_predicted"] <= 128
+    # The body samples (top_k 40, top_p 0.99): an end token first (p ~ 0.008 here) is an answer.
+    assert 0 < out["tokens_predicted"] <= 128 or (out["stop_type"], out["content"]) == ("eos", "")
     assert out["tokens_evaluated"] > 10
     assert out["tokens_cached"] == out["tokens_evaluated"] + out["tokens_predicted"]
     assert out["truncated"] is False
