@@ -231,7 +231,7 @@ def test_call_text_round_trips():
 
 
 def _chat(**kw):
-    from server.api.openai.protocol import ChatCompletionRequest
+    from server.api.openai.chat_protocol import ChatCompletionRequest
 
     tools = [
         {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER.parameters}},

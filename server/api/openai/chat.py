@@ -10,8 +10,7 @@ from starlette.responses import Response
 
 from server.api import relay
 from server.api.openai import constraints, params
-from server.api.openai.constraints import ToolPlan
-from server.api.openai.protocol import (
+from server.api.openai.chat_protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
@@ -19,10 +18,13 @@ from server.api.openai.protocol import (
     ChatLogprobs,
     ChatMessage,
     ChatTokenLogprob,
-    FimCompletionRequest,
     FunctionCallOut,
     ToolCallOut,
     TopLogprob,
+)
+from server.api.openai.constraints import ToolPlan
+from server.api.openai.protocol import (
+    FimCompletionRequest,
     new_id,
     now,
 )

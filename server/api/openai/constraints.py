@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from server.api.openai.protocol import ChatCompletionRequest, _ConstraintFields
+from server.api.openai.chat_protocol import ChatCompletionRequest
+from server.api.openai.protocol import _ConstraintFields
 from server.core import grammar
 from server.core.tools import Function, ToolFormat, call_rule
 from server.errors import InvalidRequest

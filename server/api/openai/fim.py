@@ -13,7 +13,8 @@ from fastapi import APIRouter, Request, Response
 
 from server.api import relay
 from server.api.openai import chat, params
-from server.api.openai.protocol import ChatCompletionResponse, FimCompletionRequest
+from server.api.openai.chat_protocol import ChatCompletionResponse
+from server.api.openai.protocol import FimCompletionRequest
 from server.api.openai.streaming import documented
 from server.core.budget import completion_budget
 from server.core.fim_request import fim_prompt
