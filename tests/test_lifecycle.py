@@ -182,12 +182,17 @@ def test_model_idles_out_and_reloads(life, oc):
 
 def test_busy_model_is_never_unloaded(life, oc):
     with httpx.Client(base_url=life.url, timeout=60) as c:
-        body = {"model": IDLE, "prompt": "Count slowly.", "options": {"num_predict": 400}}
+        # Greedy, raw: counting runs past 1,000 tokens, so the model is still busy at 3 s.
+        options = {"num_predict": 3000, "temperature": 0}
+        body = {"model": IDLE, "prompt": "1, 2, 3, 4, 5,", "raw": True, "options": options}
         with c.stream("POST", "/api/generate", json=body) as r:
             t0 = time.monotonic()
+            busy = False
             for _ in r.iter_lines():
                 if time.monotonic() - t0 > 3:  # longer than its keep_alive
+                    busy = True
                     break
+            assert busy, "the stream ended before the model had been busy past its keep_alive"
             assert IDLE in resident(oc)
     assert wait_until(lambda: IDLE not in resident(oc))
 
