@@ -158,6 +158,12 @@ class _LiveState(Collector):
             "keep_alive_s",
         ),
         (
+            "codeserve_cpu_threads",
+            "CPU threads llama.cpp runs a one-token step with now: fewer than configured while "
+            "other processes keep the cores busy (adapt_threads)",
+            "cpu_threads",
+        ),
+        (
             "codeserve_prompt_cache_bytes",
             "Host RAM held by saved prompt states (bounded by prompt_cache_mb)",
             "prompt_cache_bytes",

@@ -96,6 +96,11 @@ class ModelDefaults(_Strict):
     n_ctx: int = Field(4096, gt=0)
     n_batch: int = Field(512, gt=0)
     n_threads: int | None = Field(None, gt=0, description="CPU threads; all cores when unset")
+    adapt_threads: bool = Field(
+        True,
+        description="batched engine: run fewer of those threads while other processes keep "
+        "the cores busy (Linux; see server/engine/cpu_share.py)",
+    )
     n_gpu_layers: int = Field(-1, ge=-1, description="-1: every layer when the build has a GPU")
     # q8_0: 0.53x the f16 bytes at no measurable perplexity cost (bench/kvcache.py), and with
     # the flash attention it needs, llama.cpp's CPU attention stops switching kernels with batch

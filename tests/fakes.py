@@ -64,6 +64,9 @@ class FakeEngine:
     def cache_stats(self) -> CacheStats:
         return CacheStats()
 
+    def cpu_threads(self) -> int:
+        return 1
+
     def detokenize(self, tokens: list[int]) -> str:
         return "".join(chr(t + 32) for t in tokens)
 

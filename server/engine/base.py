@@ -240,4 +240,9 @@ class Engine(Protocol):
 
     def cache_stats(self) -> CacheStats: ...
 
+    def cpu_threads(self) -> int:
+        """CPU threads llama.cpp runs a one-token step with now (fewer than configured while
+        other processes keep the cores busy: server.engine.cpu_share)."""
+        ...
+
     def close(self) -> None: ...

@@ -41,6 +41,7 @@ from server.engine.base import (
 from server.engine.batch_speculation import BatchSpeculation
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
+from server.engine.cpu_share import CpuShare
 from server.engine.model import Model
 from server.engine.prompt_cache import PromptCache
 from server.engine.sampling import logprob_entry, sampler_chain
@@ -59,6 +60,7 @@ class BatchedEngine:
 
         cfg = model.cfg
         self._lib = llama_cpp
+        threads = cfg.n_threads or available_cores()
         self.model = model
         self.capacity = slots
         self._prefill_chunk = prefill_chunk
@@ -70,7 +72,7 @@ class BatchedEngine:
                 n_ctx=cfg.n_ctx * slots,
                 n_seq=slots,
                 n_batch=self._n_batch,
-                threads=cfg.n_threads or available_cores(),
+                threads=threads,
                 kv_type=ggml_kv_type(cfg.kv_cache),
                 flash_attn=cfg.flash_attn,
             )
@@ -80,6 +82,7 @@ class BatchedEngine:
                 f"{cfg.n_ctx} tokens each: {e}"
             ) from e
         self._n_vocab = model.n_vocab
+        self._cpu = CpuShare(threads) if cfg.adapt_threads else None
         self.prompt_cache = PromptCache(prompt_cache_mb << 20)
         self.info = dataclasses.replace(
             model.info,
@@ -127,6 +130,9 @@ class BatchedEngine:
         c = self.prompt_cache
         return CacheStats(c.bytes_held, c.hits, c.misses)
 
+    def cpu_threads(self) -> int:
+        return self._ctx.threads[0]
+
     # -- requests -----------------------------------------------------------------------------
 
     def submit(self, request: Request, sink: EventSink) -> CancelFlag:
@@ -171,6 +177,8 @@ class BatchedEngine:
         while True:
             with self._wake:
                 while not self._closed and not self._groups and not self._incoming:
+                    if self._cpu is not None:
+                        self._cpu.rest()
                     self._wake.wait()
                 if self._closed:
                     self._flush()
@@ -312,6 +320,7 @@ class BatchedEngine:
             budget -= len(chunk)
         if entries:
             self._flush()
+            self._fit_threads()
             self._ctx.decode(entries)
             draft_row = first_draft
             for i, owner in owners:
@@ -335,6 +344,19 @@ class BatchedEngine:
         self._retire()
         if not entries or not self._groups:  # no next step to overlap with: send now
             self._flush()
+
+    def _fit_threads(self) -> None:
+        if self._cpu is None or (n := self._cpu.threads()) == self._ctx.threads:
+            return
+        log.info(
+            "%s: %d (one token) and %d (batches) of %d threads: other processes keep %.1f cores "
+            "busy",
+            self.model.cfg.name,
+            *n,
+            self._cpu.configured,
+            self._cpu.others or 0.0,
+        )
+        self._ctx.set_threads(n)
 
     def _prompt_ready(self, g: Group, index: int) -> None:
         """The prompt is in the primary's KV cache: copy it to the other choices and sample."""

@@ -140,6 +140,12 @@ class BatchContext:
         self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.memory))
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._n_batch = n_batch
+        self.threads = (threads, threads)
+
+    def set_threads(self, threads: tuple[int, int]) -> None:
+        """CPU threads for the next decodes: (one-token batches, batches of several tokens)."""
+        self._lib.llama_set_n_threads(self.ptr, *threads)
+        self.threads = threads
 
     def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
         """One llama_decode over (token, position, sequence, wants logits) entries."""

@@ -71,7 +71,7 @@ class EmbeddingEngine:
 
         self._lib = llama_cpp
         self.cfg = cfg
-        threads = cfg.n_threads or len(os.sched_getaffinity(0))
+        threads = self._threads = cfg.n_threads or len(os.sched_getaffinity(0))
         self._n_batch = max(cfg.n_batch, cfg.n_ctx)
         try:
             self.llm = llama_cpp.Llama(
@@ -153,6 +153,9 @@ class EmbeddingEngine:
 
     def cache_stats(self) -> CacheStats:
         return CacheStats()  # no prompt cache: every input is evaluated whole
+
+    def cpu_threads(self) -> int:
+        return self._threads
 
     def close(self) -> None:
         self._queue.put(None)

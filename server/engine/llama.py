@@ -66,7 +66,7 @@ class LlamaEngine:
         self._lib = llama_cpp
         self.cfg = cfg
         _log_flash_attn(cfg)
-        threads = cfg.n_threads or available_cores()
+        threads = self._threads = cfg.n_threads or available_cores()
         devices_before = list_devices()
         try:
             self.llm = open_llama(path, cfg, n_ctx=cfg.n_ctx, threads=threads)
@@ -160,6 +160,9 @@ class LlamaEngine:
 
     def cache_stats(self) -> CacheStats:
         return CacheStats()  # one sequence: its prefix reuse is Llama's own
+
+    def cpu_threads(self) -> int:
+        return self._threads
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.model.detokenize(tokens)

@@ -1,0 +1,126 @@
+"""How many CPU threads llama.cpp should run with, given what other processes do on our cores.
+
+llama.cpp's CPU threads meet at a barrier after every operation of the graph. When another process
+holds one of the cores they run on, every barrier waits for that core's next time slice, and a
+decode with as many threads as cores can run slower than with one thread fewer (measured:
+``bench/results/2026-11-22-threads.md``). A laptop running an editor, a browser and a build is
+that machine, and llama-server's fixed ``-t`` cannot notice.
+
+:class:`CpuShare` reads, on Linux, how busy this process's cores are (``/proc/stat``) and how much
+of that is this process's own CPU time (``/proc/self/stat``), and offers the largest thread count
+that fits in the cores the others leave: never more than configured, never fewer than one.
+Elsewhere (no ``/proc``) it always offers the configured count.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Seconds between readings; the load the others put on the cores is smoothed over about two.
+INTERVAL = 0.25
+_SMOOTHING = 0.5
+# A thread fits while the others leave at least (threads - fit) cores; coming back takes
+# HYSTERESIS more, so a load near the line does not flip the count every reading. Measured on 2
+# cores, a one-token decode with 2 threads is slower than with 1 once others keep more than half a
+# core busy, a prompt batch (more work between barriers) only once they keep a whole core busy.
+FIT_TOKEN = 0.5
+FIT_BATCH = 1.0
+HYSTERESIS = 0.2
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    busy: float  # seconds our cores spent running anything since boot
+    own: float  # seconds this process has run
+
+
+def read_proc(cpus: frozenset[int]) -> CpuTimes | None:
+    """Busy time of ``cpus`` and this process's CPU time, from /proc; None where there is none."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/self/stat", "rb") as f:
+            own = f.read()
+    except OSError:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = 0
+    for line in stat.split(b"\n"):
+        if not (line.startswith(b"cpu") and line[3:4].isdigit()):
+            continue
+        name, *values = line.split()
+        if int(name[3:]) in cpus:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, values[:8])
+            busy += user + nice + system + irq + softirq + steal  # guest time is inside user
+    fields = own[own.rindex(b")") + 2 :].split()  # after "pid (comm) ": field 3 onwards
+    return CpuTimes(busy / hz, (int(fields[11]) + int(fields[12])) / hz)  # utime + stime
+
+
+def affinity() -> frozenset[int]:
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except AttributeError:
+        return frozenset(range(os.cpu_count() or 1))
+
+
+class CpuShare:
+    """Thread counts for the next ``llama_decode``: call :meth:`threads` before each."""
+
+    def __init__(
+        self,
+        configured: int,
+        cpus: frozenset[int] | None = None,
+        *,
+        read: Callable[[frozenset[int]], CpuTimes | None] = read_proc,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.configured = configured
+        self.cpus = cpus if cpus is not None else affinity()
+        self._read, self._clock = read, clock
+        self._last = read(self.cpus)
+        self._at = clock()
+        self.others: float | None = None  # cores the other processes keep busy, smoothed
+        self.current = (configured, configured)
+        self._resting = False
+
+    def rest(self) -> None:
+        """The engine has nothing to do: what others do meanwhile says little about the load
+        when work comes back (in the bench, another server decoding between our requests), so
+        the next work starts with every configured thread and a reading of its own."""
+        self._resting = True
+
+    def threads(self) -> tuple[int, int]:
+        """(threads for a one-token step, threads for a step over several tokens)."""
+        if self._last is None or self.configured <= 1:
+            return self.current
+        now = self._clock()
+        if self._resting:
+            self._resting = False
+            self._last, self._at = self._read(self.cpus) or self._last, now
+            self.others, self.current = None, (self.configured, self.configured)
+            return self.current
+        if now - self._at < INTERVAL:
+            return self.current
+        sample = self._read(self.cpus)
+        if sample is None:
+            return self.current
+        spent = (sample.busy - self._last.busy) - (sample.own - self._last.own)
+        load = max(0.0, spent / (now - self._at))
+        self._last, self._at = sample, now
+        self.others = (
+            load if self.others is None else _SMOOTHING * load + (1 - _SMOOTHING) * self.others
+        )
+        free = len(self.cpus) - self.others
+        token, batch = self.current
+        self.current = (self._fit(free, token, FIT_TOKEN), self._fit(free, batch, FIT_BATCH))
+        return self.current
+
+    def _fit(self, free: float, n: int, fit: float) -> int:
+        while n > 1 and free < n - fit:
+            n -= 1
+        while n < self.configured and free >= n + 1 - fit + HYSTERESIS:
+            n += 1
+        return n

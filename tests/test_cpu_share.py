@@ -1,0 +1,169 @@
+"""CpuShare: the thread count offered for the load other processes put on our cores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from server.engine.cpu_share import INTERVAL, CpuShare, CpuTimes, affinity, read_proc
+
+
+class FakeMachine:
+    """Cores whose busy time grows by ``others`` cores' worth plus ours, on a clock we move."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.busy = 0.0
+        self.own = 0.0
+        self.others = 0.0
+
+    def run(self, seconds: float, ours: float = 1.0) -> None:
+        self.now += seconds
+        self.busy += (self.others + ours) * seconds
+        self.own += ours * seconds
+
+    def read(self, cpus: frozenset[int]) -> CpuTimes:
+        return CpuTimes(self.busy, self.own)
+
+
+def share(m: FakeMachine, configured: int = 2, cores: int = 2) -> CpuShare:
+    return CpuShare(configured, frozenset(range(cores)), read=m.read, clock=lambda: m.now)
+
+
+def settle(s: CpuShare, m: FakeMachine, others: float, readings: int = 8) -> int:
+    """The thread count for one-token steps once ``others`` cores have been busy a while."""
+    m.others = others
+    for _ in range(readings):
+        m.run(INTERVAL)
+        s.threads()
+    return s.threads()[0]
+
+
+def test_a_quiet_machine_keeps_every_configured_thread():
+    m = FakeMachine()
+    s = share(m)
+    assert settle(s, m, 0.0) == 2
+    assert settle(s, m, 0.3) == 2  # an editor's light load: the second thread still fits
+
+
+def test_a_busy_core_takes_a_thread_and_gives_it_back_when_free():
+    m = FakeMachine()
+    s = share(m)
+    assert settle(s, m, 1.0) == 1
+    assert s.others == pytest.approx(1.0, abs=0.01)
+    assert settle(s, m, 2.0) == 1  # never fewer than one
+    assert settle(s, m, 0.0) == 2
+
+
+def test_prompt_batches_keep_their_threads_under_more_load_than_single_tokens():
+    m = FakeMachine()
+    s = share(m)
+    settle(s, m, 0.75)
+    assert s.threads() == (1, 2)  # measured: 2 threads still evaluate a prompt faster here
+    settle(s, m, 1.3)
+    assert s.threads() == (1, 1)
+    settle(s, m, 0.0)
+    assert s.threads() == (2, 2)
+
+
+def test_work_after_a_rest_starts_with_every_thread_and_its_own_reading():
+    m = FakeMachine()
+    s = share(m)
+    assert settle(s, m, 2.0) == 1
+    s.rest()
+    m.run(3.0, ours=0.0)  # another server decodes while this one waits
+    m.others = 0.0
+    assert s.threads() == (2, 2)
+    assert settle(s, m, 0.0, readings=1) == 2  # the wait's load is not held against it
+    s.rest()
+    m.others = 2.0
+    assert s.threads() == (2, 2)
+    assert settle(s, m, 2.0, readings=1) == 1  # one reading of a real load is enough
+
+
+def test_a_load_near_the_line_does_not_flip_the_count():
+    m = FakeMachine()
+    s = share(m)
+    assert settle(s, m, 0.6) == 1
+    assert settle(s, m, 0.45) == 1  # must drop below 0.3 before the second thread comes back
+    assert settle(s, m, 0.25) == 2
+
+
+def test_many_cores_give_back_only_what_the_others_take():
+    m = FakeMachine()
+    s = share(m, configured=8, cores=16)
+    assert settle(s, m, 6.0) == 8  # 10 cores left: the 8 threads fit
+    assert settle(s, m, 11.0) == 5
+    assert settle(s, m, 0.0) == 8
+
+
+def test_readings_are_spaced_and_one_thread_is_left_alone():
+    m = FakeMachine()
+    reads = []
+    s = CpuShare(
+        2, frozenset({0, 1}), read=lambda c: reads.append(1) or m.read(c), clock=lambda: m.now
+    )
+    for _ in range(15):  # one and a half intervals
+        m.run(INTERVAL / 10)
+        s.threads()
+    assert len(reads) == 2  # the first at start, then one per interval
+    one = CpuShare(1, frozenset({0, 1}), read=m.read, clock=lambda: m.now)
+    assert settle(one, m, 2.0) == 1
+
+
+def test_without_proc_the_configured_count_stands():
+    m = FakeMachine()
+    s = CpuShare(2, frozenset({0, 1}), read=lambda c: None, clock=lambda: m.now)
+    assert settle(s, m, 2.0) == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc")
+def test_proc_sees_another_process_keep_a_core_busy():
+    cpus = affinity()
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        a, t0 = read_proc(cpus), time.monotonic()
+        time.sleep(1.0)
+        b, t1 = read_proc(cpus), time.monotonic()
+    finally:
+        hog.kill()
+        hog.wait()
+    assert a is not None and b is not None
+    others = ((b.busy - a.busy) - (b.own - a.own)) / (t1 - t0)
+    assert 0.7 < others < len(cpus) + 0.1
+    assert b.own - a.own < 0.2  # this process slept
+
+
+def test_the_server_decodes_with_fewer_threads_while_the_cores_are_busy(server, client):
+    from server.engine.base import available_cores
+    from tests.test_lifecycle import metric
+
+    cores = available_cores()
+    if cores < 2:
+        pytest.skip("one core: there is no thread to give up")
+    count = {"model": "smollm2-135m", "prompt": "1, 2, 3, 4, 5,", "temperature": 0}
+
+    def threads() -> float:
+        return metric(server.url, "codeserve_cpu_threads", model="smollm2-135m")
+
+    client.post("/v1/completions", json={**count, "max_tokens": 40}).raise_for_status()
+    before = threads()  # all cores on a quiet machine; a busy one may already take some
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.5)
+        r = client.post("/v1/completions", json={**count, "max_tokens": 150})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 150
+        assert threads() < cores
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    time.sleep(0.5)
+    r = client.post("/v1/completions", json={**count, "max_tokens": 150})
+    assert r.status_code == 200
+    assert threads() >= before
