@@ -121,6 +121,18 @@ def test_dialects_quick(server):
     assert "| /infill |" in dialects.markdown(out)
 
 
+def test_shared_cpu_quick(server):
+    from bench import shared_cpu
+
+    urls = {"a": server.url, "b": server.url}
+    out = shared_cpu.measure(urls, "smollm2-135m", loads=[0, 1], rounds=2, tokens=8)
+    assert [r["load"] for r in out["rows"]] == [0, 1]
+    for row in out["rows"]:
+        assert all(v > 0 for v in row["decode_tok_s"].values())
+        assert all(len(v) == 2 for v in row["runs"]["ttft_ms"].values())
+    assert "| 1 | " in shared_cpu.markdown(out)
+
+
 def test_busy_load_starts_and_stops_its_processes():
     import os
 

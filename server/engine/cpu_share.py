@@ -19,15 +19,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# Seconds between readings; the load the others put on the cores is smoothed over about two.
+# Seconds between readings; the load the others put on the cores is smoothed over about two
+# readings.
 INTERVAL = 0.25
 _SMOOTHING = 0.5
 # A thread fits while the others leave at least (threads - fit) cores; coming back takes
 # HYSTERESIS more, so a load near the line does not flip the count every reading. Measured on 2
-# cores, a one-token decode with 2 threads is slower than with 1 once others keep more than half a
-# core busy, a prompt batch (more work between barriers) only once they keep a whole core busy.
-FIT_TOKEN = 0.5
-FIT_BATCH = 1.0
+# cores, a one-token decode with 2 threads is slower than with 1 once others keep about 0.4 of a
+# core busy, a prompt batch (more work between barriers) only from about 0.9 of a core.
+FIT_TOKEN = 0.4
+FIT_BATCH = 0.9
 HYSTERESIS = 0.2
 
 
