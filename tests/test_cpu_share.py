@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from server.engine.cpu_share import INTERVAL, CpuShare, CpuTimes, affinity, read_proc
+from server.engine.cpu_share import INTERVAL, CpuShare, CpuTimes, affinity, parse_proc, read_proc
 
 
 class FakeMachine:
@@ -119,6 +119,20 @@ def test_without_proc_the_configured_count_stands():
     m = FakeMachine()
     s = CpuShare(2, frozenset({0, 1}), read=lambda c: None, clock=lambda: m.now)
     assert settle(s, m, 2.0) == 2
+
+
+def test_proc_text_in_other_shapes_reads_as_missing_or_is_padded():
+    from server.engine.cpu_share import _busy
+
+    hz = os.sysconf("SC_CLK_TCK")
+    old = b"cpu  1 2 3 4 5 6 7\ncpu0 10 0 5 100 0 1 1\ncpu1 20 0 0 100 0 0 0\n"  # no steal
+    assert _busy(old, frozenset({0, 1})) == pytest.approx(37 / hz)
+    assert _busy(old, frozenset({0})) == pytest.approx(17 / hz)
+    assert _busy(b"cpu  1 2 3 4 5 6 7 8\n", frozenset({0})) is None  # no per-core lines
+    own = b"42 (python3 (x)) R " + b"0 " * 10 + b"300 200 0 0\n"  # utime 300, stime 200
+    assert parse_proc(old, own, frozenset({0})) == CpuTimes(17 / hz, 500 / hz)
+    assert parse_proc(b"cpu0 x y\n", own, frozenset({0})) is None
+    assert parse_proc(old, b"42 (truncated", frozenset({0})) is None
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc")

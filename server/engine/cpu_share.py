@@ -47,17 +47,38 @@ def read_proc(cpus: frozenset[int]) -> CpuTimes | None:
             own = f.read()
     except OSError:
         return None
-    hz = os.sysconf("SC_CLK_TCK")
-    busy = 0
+    return parse_proc(stat, own, cpus)
+
+
+def parse_proc(stat: bytes, own: bytes, cpus: frozenset[int]) -> CpuTimes | None:
+    """/proc/stat and /proc/self/stat as CpuTimes; None for a shape this does not know (it runs
+    inside every decode step, so it never raises)."""
+    try:
+        busy = _busy(stat, cpus)
+        return CpuTimes(busy, _own(own)) if busy is not None else None
+    except (ValueError, IndexError):
+        return None
+
+
+def _busy(stat: bytes, cpus: frozenset[int]) -> float | None:
+    """Seconds ``cpus`` ran anything, from /proc/stat's per-core lines (None: none of them)."""
+    ticks, seen = 0, False
     for line in stat.split(b"\n"):
         if not (line.startswith(b"cpu") and line[3:4].isdigit()):
             continue
         name, *values = line.split()
         if int(name[3:]) in cpus:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, values[:8])
-            busy += user + nice + system + irq + softirq + steal  # guest time is inside user
-    fields = own[own.rindex(b")") + 2 :].split()  # after "pid (comm) ": field 3 onwards
-    return CpuTimes(busy / hz, (int(fields[11]) + int(fields[12])) / hz)  # utime + stime
+            # user nice system idle iowait irq softirq steal; old kernels stop before steal
+            v = [*map(int, values[:8]), 0, 0, 0][:8]
+            ticks += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # guest time is inside user
+            seen = True
+    return ticks / os.sysconf("SC_CLK_TCK") if seen else None
+
+
+def _own(stat: bytes) -> float:
+    """Seconds this process ran (utime + stime), from /proc/self/stat."""
+    fields = stat[stat.rindex(b")") + 2 :].split()  # after "pid (comm) ": field 3 onwards
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def affinity() -> frozenset[int]:
