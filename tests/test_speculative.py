@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from bench.speculative import derived_gguf
-from server.engine.costmodel import AdaptiveK, CostModel
+from server.engine.costmodel import AdaptiveK, CostModel, refit
 from server.engine.drafters import PromptLookup
 from server.errors import ConfigError
 from server.registry import parse_registry
@@ -217,6 +217,20 @@ def test_cost_model_predicts_from_acceptance_and_verify_cost():
     assert k_high >= 8 and s_high > 2
     drafty = CostModel(0.01, COST.verify, draft=0.9)  # a draft nearly as slow as the target
     assert drafty.best_k(1.0, 32)[0] == 0
+
+
+def test_refit_follows_the_steps_seen_since_calibration():
+    # Calibrated while the one-token step ran slow (10 ms): batches looked cheap.
+    seen = {1: [0.0075, 0.0077, 0.0076], 5: [0.020, 0.021, 0.019], 9: [0.018, 0.019, 0.018]}
+    seen[17] = [0.05, 0.05]  # seen too rarely: keeps its calibrated ratio
+    fit = refit(COST, seen)
+    assert fit.step_s == pytest.approx(0.0076)
+    assert fit.verify[5] == pytest.approx(0.020 / 0.0076)
+    assert fit.verify[9] == fit.verify[5]  # never cheaper than a smaller batch
+    assert fit.verify[3] == 1.5 and fit.verify[17] == COST.verify[17]
+    assert fit.verify_cost(4) > COST.verify_cost(4)
+    assert fit.best_k(0.9, 32)[1] < COST.best_k(0.9, 32)[1]  # speculation pays less than it seemed
+    assert refit(COST, {}) == COST
 
 
 def test_adaptive_k_backs_off_and_recovers():

@@ -4,12 +4,13 @@ the drafted tokens each step adds to the batch (see :mod:`server.engine.batch_dr
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from server.engine.base import GenerationRequest
 from server.engine.batch_drafts import Candidate, SequenceDrafts, plan_drafts
 from server.engine.batch_state import Choice, Slot
 from server.engine.binding import BatchContext
-from server.engine.costmodel import CostModel, calibrate
+from server.engine.costmodel import CostModel, calibrate, refit
 from server.engine.model import Model
 from server.errors import InvalidRequest
 
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 
 # Batch sizes timed for the cost model; larger ones are extrapolated from the last two.
 _SIZES = (1, 2, 3, 5, 9, 17, 33, 65)
+_REFIT_EVERY = 64  # steps observed between refits of the cost model
+_RECENT = 32  # step times kept per batch size: what steps cost now (threads and load change)
 
 Entry = tuple[int, int, int, bool]  # token, position, sequence, wants logits
 
@@ -27,6 +30,8 @@ class BatchSpeculation:
         self._ctx = ctx
         self._n_batch = n_batch
         self.cost: CostModel | None = None  # measured at the first speculative request
+        self._steps: dict[int, deque[float]] = {}
+        self._observed = 0
 
     def limit(self, req: GenerationRequest) -> int:
         """Most tokens a request's sequences may draft per step (0: it decodes plainly).
@@ -74,6 +79,16 @@ class BatchSpeculation:
         self.cost = CostModel(step, verify)
         log.info("%s: speculation cost model: %s", self.model.cfg.name, self.cost.describe())
         return True
+
+    def observe(self, n: int, seconds: float) -> None:
+        """A step over ``n`` tokens took ``seconds``: every 64 steps the cost model is refit to
+        the recent ones (``costmodel.refit``), so K follows what steps cost now."""
+        if self.cost is None or n > _SIZES[-1]:
+            return
+        self._steps.setdefault(n, deque(maxlen=_RECENT)).append(seconds)
+        self._observed += 1
+        if self._observed % _REFIT_EVERY == 0:
+            self.cost = refit(self.cost, self._steps)
 
     def add_drafts(
         self, decoding: list[Choice], entries: list[Entry], prefill: int

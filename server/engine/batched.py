@@ -321,7 +321,9 @@ class BatchedEngine:
         if entries:
             self._flush()
             self._fit_threads()
+            t0 = time.perf_counter()
             self._ctx.decode(entries)
+            self._speculation.observe(len(entries), time.perf_counter() - t0)
             draft_row = first_draft
             for i, owner in owners:
                 if isinstance(owner, Group):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,24 @@ def calibrate(
         floor = max(floor, seconds[n] / step)
         rel[n] = floor
     return step, rel, {name: statistics.median(r) / step for name, r in extra_runs.items()}
+
+
+def refit(cost: CostModel, steps: Mapping[int, Sequence[float]], min_seen: int = 3) -> CostModel:
+    """``cost`` brought up to the step times seen since (seconds per batch size): the one-token
+    step and every size seen ``min_seen`` times at their medians, the sizes not seen at their
+    calibrated ratio. A calibration is a few passes at one moment; measured here, a moment when
+    the one-token step ran 30% slow made every batch look that much cheaper and K too large."""
+    ones = steps.get(1, ())
+    step = statistics.median(ones) if len(ones) >= min_seen else cost.step_s
+    rel = dict(cost.verify)
+    for n, times in steps.items():
+        if n > 1 and len(times) >= min_seen:
+            rel[n] = statistics.median(times) / step
+    verify, floor = {}, 1.0
+    for n in sorted(rel):  # a batch never costs less than a smaller one
+        floor = max(floor, rel[n]) if n > 1 else 1.0
+        verify[n] = floor
+    return CostModel(step, verify, cost.draft, cost.draft_batch)
 
 
 @dataclass
