@@ -137,13 +137,18 @@ def calibrate(
             extra_runs[name].append((time.perf_counter() - t0) / tokens)
     seconds = {n: statistics.median(r) for n, r in runs.items()}
     step = seconds[1]
-    # A batch never costs less than a smaller one; noise can say otherwise.
-    rel: dict[int, float] = {}
-    floor = 1.0
-    for n in sizes:
-        floor = max(floor, seconds[n] / step)
-        rel[n] = floor
+    rel = _never_cheaper({n: seconds[n] / step for n in sizes})
     return step, rel, {name: statistics.median(r) / step for name, r in extra_runs.items()}
+
+
+def _never_cheaper(rel: Mapping[int, float]) -> dict[int, float]:
+    """Costs per batch size, each raised to the largest of the smaller sizes': a batch never
+    costs less than a smaller one, whatever noise in the timings says."""
+    out, floor = {}, 1.0
+    for n in sorted(rel):
+        floor = max(floor, rel[n])
+        out[n] = floor
+    return out
 
 
 def refit(cost: CostModel, steps: Mapping[int, Sequence[float]], min_seen: int = 3) -> CostModel:
@@ -157,11 +162,7 @@ def refit(cost: CostModel, steps: Mapping[int, Sequence[float]], min_seen: int =
     for n, times in steps.items():
         if n > 1 and len(times) >= min_seen:
             rel[n] = statistics.median(times) / step
-    verify, floor = {}, 1.0
-    for n in sorted(rel):  # a batch never costs less than a smaller one
-        floor = max(floor, rel[n]) if n > 1 else 1.0
-        verify[n] = floor
-    return CostModel(step, verify, cost.draft, cost.draft_batch)
+    return CostModel(step, _never_cheaper(rel), cost.draft, cost.draft_batch)
 
 
 @dataclass

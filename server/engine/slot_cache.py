@@ -89,12 +89,8 @@ class SlotCaches:
         filler = max(self._model.info.bos_id or 0, 0)
         if not self._shift_cost.pays(self._ctx, reuse, filler, self._n_batch):
             reuse = chunk_reuse.Plan(reuse.prefix)
-        cache = self.prompt_cache
-        if cache.worth_saving_before_cut(primary.tokens, reuse.prefix) and not cache.holds(
-            primary.tokens
-        ):
-            # The slot's cache is about to be cut short: keep the whole of it in host RAM.
-            cache.put(primary.tokens, self._ctx.save_seq(primary.seq_id))
+        if self.prompt_cache.worth_saving_before_cut(primary.tokens, reuse.prefix):
+            self._save(primary)  # its cache is about to be cut short
         reuse = chunk_reuse.apply(
             self._ctx, primary.seq_id, len(primary.tokens), prompt, reuse, self._n_batch
         )
@@ -118,11 +114,15 @@ class SlotCaches:
 
     def _drop(self, slot: Slot) -> None:
         """Free a slot's KV cells, keeping its state in host RAM when it is worth it."""
-        cache = self.prompt_cache
-        if cache.worth_saving(slot.tokens) and not cache.holds(slot.tokens):
-            cache.put(slot.tokens, self._ctx.save_seq(slot.seq_id))
+        if self.prompt_cache.worth_saving(slot.tokens):
+            self._save(slot)
         self._ctx.seq_rm(slot.seq_id, -1, -1)
         slot.tokens = []
+
+    def _save(self, slot: Slot) -> None:
+        """Keep the whole of a slot's cache in host RAM, unless it is held there already."""
+        if not self.prompt_cache.holds(slot.tokens):
+            self.prompt_cache.put(slot.tokens, self._ctx.save_seq(slot.seq_id))
 
     def forget_idle(self) -> None:
         """Keep idle slots' caches, most recently used first, while their cells fit in
