@@ -27,6 +27,7 @@ class Choice:
     slot: Slot
     sampler: Any  # llama_sampler_p, freed when the choice finishes
     releaser: TextReleaser
+    greedy: bool = False  # the sampler would pick the top logit: take the argmax instead
     state: str = "prefill"  # prefill (waiting for the prompt) → eval_last → decode → done
     last: int = -1  # token to feed next step
     completion: int = 0

@@ -44,7 +44,7 @@ from server.engine.binding import BatchContext
 from server.engine.cpu_share import CpuShare
 from server.engine.model import Model
 from server.engine.prompt_cache import PromptCache
-from server.engine.sampling import logprob_entry, sampler_chain
+from server.engine.sampling import logprob_entry, plain_greedy, sampler_chain
 from server.engine.slot_cache import SlotCaches
 from server.engine.text import TextReleaser
 from server.errors import InvalidRequest, ModelUnavailable
@@ -253,6 +253,7 @@ class BatchedEngine:
             slot,
             sampler_chain(g.req, seed, self.model),
             TextReleaser(g.req.stop),
+            greedy=plain_greedy(g.req),
             state=state,
         )
         self._speculation.start(choice)
@@ -387,7 +388,10 @@ class BatchedEngine:
         g, req = c.group, c.group.req
         if c.t_first is None:
             c.t_first = time.perf_counter()
-        token = int(self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index))
+        if c.greedy:
+            token = int(self._ctx.logits(index, self._n_vocab).argmax())
+        else:
+            token = int(self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index))
         c.state = "decode"
         if self.model.is_eog(token):
             self._finish(c, "stop")

@@ -61,6 +61,25 @@ def sampler_chain(req: GenerationRequest, seed: int, model: Model) -> Any:
     return chain
 
 
+def plain_greedy(req: GenerationRequest) -> bool:
+    """Whether the chain ``sampler_chain`` builds for ``req`` picks the highest raw logit: greedy
+    with nothing that edits the logits first (biases, banned end tokens, penalties, grammar).
+
+    Then an argmax over the logits row is the same token for a fraction of the cost: llama.cpp's
+    sampler copies every logit into a candidate array before its greedy step scans it, and both
+    take the first of equal maxima."""
+    s = req.sampling
+    return (
+        s.temperature == 0
+        and not req.logit_bias
+        and not req.ignore_eos
+        and req.grammar is None
+        and s.repeat_penalty == 1.0
+        and s.frequency_penalty == 0.0
+        and s.presence_penalty == 0.0
+    )
+
+
 def logprob_entry(
     row: np.ndarray, token: int, top_n: int, detokenize: Callable[[list[int]], str]
 ) -> TokenLogprob:
