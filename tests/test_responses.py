@@ -457,9 +457,10 @@ def test_error_after_stream_began_is_an_event_then_failed():
     async def run() -> list[dict]:
         return [f async for f in frames(events(), seq, lambda e: response("failed", e))]
 
-    out = asyncio.run(run())
-    assert [f["event"] for f in out] == ["response.created", "error", "response.failed"]
-    datas = [json.loads(f["data"]) for f in out]
+    out = [f.decode().split("\n") for f in asyncio.run(run())]
+    assert all(f[0].startswith("event: ") and f[1].startswith("data: ") for f in out), out
+    assert [f[0][7:] for f in out] == ["response.created", "error", "response.failed"]
+    datas = [json.loads(f[1][6:]) for f in out]
     assert [d["sequence_number"] for d in datas] == [0, 1, 2]
     assert datas[1] == {
         "type": "error",

@@ -15,7 +15,6 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
 from server.api import relay
 from server.api.errors import ApiError
@@ -23,6 +22,7 @@ from server.api.llamacpp import params
 from server.api.llamacpp.errors import envelope
 from server.api.llamacpp.protocol import GenerationFields
 from server.api.llamacpp.response import Answer
+from server.api.sse import EventStream, data_frame
 from server.core.budget import completion_budget
 from server.core.line_rules import apply_line_rules
 from server.engine.base import Delta, Event, Finished, GenerationRequest
@@ -38,7 +38,7 @@ async def generate(
     prompt: list[int],
     request: Request,
     label: str,
-) -> JSONResponse | EventSourceResponse | None:
+) -> JSONResponse | EventStream | None:
     engine = worker.engine
     params.refuse_unsupported(body)
     sampling, applied = params.sampling(body)
@@ -75,7 +75,7 @@ async def generate(
                 events, rules, n=n, prompt_tokens=len(prompt), started=started
             )
         if body.stream:
-            return EventSourceResponse(_frames(events, answer), sep="\n", ping=15)
+            return EventStream(_frames(events, answer))
         choices = await relay.collect(events, request, n)
     except relay.ClientGone:
         return None
@@ -83,11 +83,11 @@ async def generate(
     return JSONResponse(results[0] if n == 1 else results)
 
 
-def _data(obj: Any) -> dict[str, str]:
-    return {"data": json.dumps(obj, separators=(",", ":"), ensure_ascii=False)}
+def _data(obj: Any) -> bytes:
+    return data_frame(json.dumps(obj, separators=(",", ":"), ensure_ascii=False))
 
 
-async def _frames(events: AsyncIterator[Event], answer: Answer) -> AsyncIterator[dict[str, str]]:
+async def _frames(events: AsyncIterator[Event], answer: Answer) -> AsyncIterator[bytes]:
     try:
         async for ev in events:
             if isinstance(ev, Delta):

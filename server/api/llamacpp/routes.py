@@ -11,7 +11,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
 from server import __version__
 from server.api import relay
@@ -23,6 +22,7 @@ from server.api.llamacpp.protocol import (
     InfillRequest,
     TokenizeRequest,
 )
+from server.api.sse import EventStream
 from server.core.fim_request import fim_prompt
 from server.engine.fim import ExtraFile
 from server.errors import InvalidRequest, QueueTimeout
@@ -30,7 +30,7 @@ from server.scheduler import ModelWorker
 
 router = APIRouter()
 
-Answer = JSONResponse | EventSourceResponse | None
+Answer = JSONResponse | EventStream | None
 # Request defaults /props reports (llama-server's own, see protocol).
 _DEFAULTS_SHOWN = (
     "temperature",

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
-from sse_starlette import EventSourceResponse
 
 from server.api import relay
 from server.api.openai import params
@@ -50,6 +49,7 @@ from server.api.openai.responses_stream import (
     sse,
 )
 from server.api.openai.responses_tools import OutputPlan, Splitter, plan_output
+from server.api.sse import EventStream
 from server.core.budget import completion_budget
 from server.core.chat import render_chat
 from server.engine.base import Delta, Engine, Event, Finished, GenerationRequest
@@ -162,7 +162,7 @@ def assistant_turn(output: list[OutputItem]) -> list[Message]:
 @router.post("/v1/responses", response_model=None)
 async def create_response(
     body: ResponseCreateRequest, request: Request
-) -> Response | EventSourceResponse | None:
+) -> Response | EventStream | None:
     refuse_unsupported(body)
     tools = function_tools(body.tools)
     store = _store(request)

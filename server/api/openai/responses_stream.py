@@ -13,8 +13,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from sse_starlette import EventSourceResponse
-
 from server.api.openai.responses_protocol import (
     ArgumentsDeltaEvent,
     ArgumentsDoneEvent,
@@ -34,6 +32,7 @@ from server.api.openai.responses_protocol import (
     TextDoneEvent,
     new_id,
 )
+from server.api.sse import EventStream, event_frame
 from server.errors import CodeserveError
 
 log = logging.getLogger(__name__)
@@ -169,14 +168,11 @@ async def frames(
     events: AsyncIterator[StreamEvent],
     seq: Sequencer,
     failed: Callable[[ResponseError], Response],
-) -> AsyncIterator[dict[str, str]]:
+) -> AsyncIterator[bytes]:
     """``event: <type>`` / ``data: <json>`` frames; a failure mid-stream ends it cleanly."""
 
-    def frame(ev: StreamEvent) -> dict[str, str]:
-        return {
-            "event": ev.type,
-            "data": json.dumps(ev.model_dump(by_alias=True), separators=(",", ":")),
-        }
+    def frame(ev: StreamEvent) -> bytes:
+        return event_frame(ev.type, json.dumps(ev.model_dump(by_alias=True), separators=(",", ":")))
 
     try:
         async for ev in events:
@@ -197,5 +193,5 @@ def sse(
     events: AsyncIterator[StreamEvent],
     seq: Sequencer,
     failed: Callable[[ResponseError], Response],
-) -> EventSourceResponse:
-    return EventSourceResponse(frames(events, seq, failed), sep="\n", ping=15)
+) -> EventStream:
+    return EventStream(frames(events, seq, failed))

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
 
 from server.api.errors import ApiError
 from server.api.openai.protocol import ErrorBody, ErrorResponse, PromptTokensDetails, Usage
+from server.api.sse import EventStream, data_frame
 from server.engine.base import Finished
 from server.errors import CodeserveError
 
@@ -55,15 +55,15 @@ def usage(finished: list[Finished]) -> Usage:
     )
 
 
-def _error_event(err: ApiError) -> dict[str, str]:
+def _error_event(err: ApiError) -> bytes:
     body = ErrorResponse(
         error=ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
     )
     # ensure_ascii: a lone surrogate echoed in a message cannot break the stream's encoding.
-    return {"data": json.dumps(body.model_dump(), separators=(",", ":"))}
+    return data_frame(json.dumps(body.model_dump(), separators=(",", ":")))
 
 
-def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventStream:
     """OpenAI's stream framing: ``data: {json}`` events, then ``data: [DONE]``.
 
     Once the headers are out an error can no longer be a status code: whatever goes wrong becomes
@@ -71,15 +71,15 @@ def sse(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
     never see a stream cut short.
     """
 
-    async def frames() -> AsyncIterator[dict[str, str]]:
+    async def frames() -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
-                yield {"data": json.dumps(chunk, separators=(",", ":"))}
+                yield data_frame(json.dumps(chunk, separators=(",", ":")))
         except CodeserveError as e:
             yield _error_event(ApiError.of(e))
         except Exception as e:
             log.exception("stream failed after its headers were sent")
             yield _error_event(ApiError.unexpected(e))
-        yield {"data": "[DONE]"}
+        yield data_frame("[DONE]")
 
-    return EventSourceResponse(frames(), sep="\n", ping=15)
+    return EventStream(frames())
