@@ -4,7 +4,7 @@ Nothing in ``server/`` is edited or slowed when this module is not installed: `i
 a few attributes (instance attributes where the code looks them up on an instance, module
 globals where it looks them up in its module) with wrappers that take a ``perf_counter_ns`` stamp
 and call the original, and `uninstall` puts the originals back. Each stamp is keyed by the
-token's index in the current request (the k-th llama_sampler_sample of the request made token
+token's index in the current request (the k-th pick of a sampled token made token
 k), so the stages of one token line up across the decode thread, the event loop and the client.
 
 Only one stream is measured at a time (the tool sends one request at a time), which is what lets
@@ -182,9 +182,8 @@ def install(probe: Probe, worker: Any) -> Installed:
     completions route."""
     import json
 
-    from sse_starlette import EventSourceResponse
-
     from server.api.openai import completions, streaming
+    from server.api.sse import EventStream
     from server.engine import batched
     from server.engine.text import TextReleaser
 
@@ -196,10 +195,7 @@ def install(probe: Probe, worker: Any) -> Installed:
     # Decode thread: llama_decode (through the context's library handle), sampling, release, emit.
     ctx = engine._ctx
     done.replace(ctx, "_lib", LibProxy(ctx._lib, llama_decode=probe.decode(ctx._lib.llama_decode)))
-    lib = engine._lib
-    done.replace(
-        engine, "_lib", LibProxy(lib, llama_sampler_sample=probe.sample(lib.llama_sampler_sample))
-    )
+    done.replace(engine, "_pick", probe.sample(engine._pick))
 
     class TimedReleaser(TextReleaser):
         def push(self, *args: Any, **kwargs: Any) -> Any:
@@ -229,7 +225,7 @@ def install(probe: Probe, worker: Any) -> Installed:
 
     done.replace(streaming, "json", TimedJson())
 
-    class TimedSSE(EventSourceResponse):
+    class TimedSSE(EventStream):
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             async def timed_send(message: Any) -> None:
                 k = probe.current if _frame(message) else None
@@ -238,7 +234,7 @@ def install(probe: Probe, worker: Any) -> Installed:
 
             await super().__call__(scope, receive, timed_send)
 
-    done.replace(streaming, "EventSourceResponse", TimedSSE)
+    done.replace(streaming, "EventStream", TimedSSE)
     return done
 
 
