@@ -104,6 +104,14 @@ class Connection:
 _local = threading.local()
 
 
+def named(urls: list[str], names: str | None) -> dict[str, str]:
+    """{name: url} from repeated ``--url`` and a comma list of names (default peer1, peer2...)."""
+    labels = names.split(",") if names else [f"peer{i + 1}" for i in range(len(urls))]
+    if len(labels) != len(urls):
+        raise ValueError("--names needs one name per --url")
+    return dict(zip(labels, urls, strict=True))
+
+
 def connection(url: str) -> Connection:
     """This thread's persistent connection to `url`."""
     pool: dict[str, Connection] = _local.__dict__.setdefault("pool", {})

@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    names = args.names.split(",") if args.names else [f"peer{i + 1}" for i in range(len(args.url))]
-    if len(names) != len(args.url):
-        ap.error("--names needs one name per --url")
-    urls = dict(zip(names, args.url, strict=True))
+    try:
+        urls = client.named(args.url, args.names)
+    except ValueError as e:
+        ap.error(str(e))
     for url in urls.values():
         client.check_overhead(url)
     rep = measure(

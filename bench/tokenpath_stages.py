@@ -28,7 +28,13 @@ LATENCY = [
         "decode_end",
         "sample_start",
     ),
-    S("sample", "sampling (argmax when greedy, else llama_sampler_sample)", "decode", "sample_start", "sample_end"),
+    S(
+        "sample",
+        "sampling (argmax when greedy, else llama_sampler_sample)",
+        "decode",
+        "sample_start",
+        "sample_end",
+    ),
     S(
         "release",
         "detokenize + text release (piece, TextReleaser)",

@@ -155,3 +155,13 @@ def test_batched_speculation_bench_reports_both_modes(model_path):
     assert modes == {(s, m) for s in (1, 8) for m in ("off", "prompt_lookup")}
     assert rep["cost"] and "verify(n)/step" in rep["cost"]
     assert "| 8 |" in markdown({"targets": [rep]})
+
+
+def test_streams_quick(server):
+    from bench import streams
+
+    out = streams.measure({"a": server.url, "b": server.url}, "smollm2-135m", [1, 2], 1, 8)
+    assert [r["streams"] for r in out["rows"]] == [1, 2]
+    for row in out["rows"]:
+        assert all(v > 0 for v in row["tokens_per_s"].values())
+    assert "| 2 | " in streams.markdown(out)

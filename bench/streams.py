@@ -1,0 +1,93 @@
+"""Aggregate tokens/s of concurrent clients, the suite's workload, against servers already running.
+
+    python -m bench.streams --url URL [--url URL ...] [--names a,b] [--streams 1,8]
+                            [--rounds 4] [--tokens 128] [--json PATH]
+
+What ``codeserve bench`` measures as "aggregate tokens/s at N streams" (N clients, 2N salted
+short prompts, greedy, non-streamed ``/v1/completions``), for servers someone else started: two
+builds of codeserve side by side, or one with a setting changed, next to llama-server. Servers
+take turns round by round, the order rotating, so a noisy machine slows them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from bench import client, workloads
+
+
+def measure(urls: dict[str, str], model: str, streams: list[int], rounds: int, tokens: int) -> dict:
+    names = list(urls)
+    runs: dict[int, dict[str, list[float]]] = {c: {p: [] for p in names} for c in streams}
+    for r in range(rounds):
+        for c in streams:
+            k = r % len(names)
+            for peer in names[k:] + names[:k]:
+                n = 2 * c
+                bodies = [
+                    {"model": model, "prompt": p, "max_tokens": tokens, "temperature": 0}
+                    for p in workloads.generation_prompts(n, f"{peer}-{r}-{c}")
+                ]
+                out = client.concurrent_throughput(urls[peer], bodies, c, n)
+                runs[c][peer].append(out["tokens_per_s"])
+        print(f"  round {r + 1}: done", file=sys.stderr)
+    rows = [
+        {
+            "streams": c,
+            "tokens_per_s": {p: statistics.median(v) for p, v in runs[c].items()},
+            "runs": runs[c],
+        }
+        for c in streams
+    ]
+    return {"peers": names, "rounds": rounds, "tokens": tokens, "rows": rows}
+
+
+def markdown(rep: dict) -> str:
+    peers = rep["peers"]
+    ref = peers[-1]
+    out = [
+        f"Aggregate tokens/s, up to {rep['tokens']} greedy tokens per answer, medians of "
+        f"{rep['rounds']} interleaved rounds (min–max); ratios to {ref}\n",
+        "| streams | " + " | ".join(peers) + " |",
+        "|---:|" + "---:|" * len(peers),
+    ]
+    for row in rep["rows"]:
+        med, runs = row["tokens_per_s"], row["runs"]
+        cells = [
+            f"{med[p]:.1f} ({min(runs[p]):.1f}–{max(runs[p]):.1f})"
+            + (f" {med[p] / med[ref]:.2f}×" if p != ref else "")
+            for p in peers
+        ]
+        out.append(f"| {row['streams']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.streams", description=__doc__)
+    ap.add_argument("--url", action="append", required=True, help="a server; repeat for more")
+    ap.add_argument("--names", help="comma list, one per --url (default: peer1, peer2, ...)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--streams", default="1,8", help="concurrent clients per run")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        urls = client.named(args.url, args.names)
+    except ValueError as e:
+        ap.error(str(e))
+    for url in urls.values():
+        client.check_overhead(url)
+    streams = [int(x) for x in args.streams.split(",")]
+    rep = measure(urls, args.model, streams, args.rounds, args.tokens)
+    if args.json:
+        args.json.write_text(json.dumps(rep, indent=2))
+    print(markdown(rep))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
