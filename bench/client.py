@@ -200,8 +200,18 @@ def check_overhead(url: str, path: str = "/health", limit_s: float = MAX_OVERHEA
     return out
 
 
-def concurrent_throughput(url: str, bodies: list[dict], streams: int, requests: int) -> dict:
-    """Aggregate generated tokens/s with `streams` clients issuing `requests` in total."""
+def concurrent_throughput(
+    url: str,
+    bodies: list[dict],
+    streams: int,
+    requests: int,
+    count: Callable[[str], int] | None = None,
+) -> dict:
+    """Aggregate generated tokens/s with `streams` clients issuing `requests` in total.
+
+    Tokens are the answers' text counted by ``count`` where given, else the server's
+    ``completion_tokens``, which llama-server makes one larger for an answer that ended on the
+    end-of-generation token (it counts that token; codeserve and OpenAI count the text's)."""
     counter = iter(range(requests))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -218,7 +228,10 @@ def concurrent_throughput(url: str, bodies: list[dict], streams: int, requests: 
             out = post(url, "/v1/completions", bodies[i % len(bodies)])
             with lock:
                 latencies.append(time.perf_counter() - t0)
-                tokens += out["usage"]["completion_tokens"]
+                if count is None:
+                    tokens += out["usage"]["completion_tokens"]
+                else:
+                    tokens += sum(count(c["text"]) for c in out["choices"])
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:

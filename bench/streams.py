@@ -1,12 +1,14 @@
 """Aggregate tokens/s of concurrent clients, the suite's workload, against servers already running.
 
     python -m bench.streams --url URL [--url URL ...] [--names a,b] [--streams 1,8]
-                            [--rounds 4] [--tokens 128] [--json PATH]
+                            [--rounds 4] [--tokens 128] [--gguf PATH] [--json PATH]
 
 What ``codeserve bench`` measures as "aggregate tokens/s at N streams" (N clients, 2N salted
 short prompts, greedy, non-streamed ``/v1/completions``), for servers someone else started: two
 builds of codeserve side by side, or one with a setting changed, next to llama-server. Servers
-take turns round by round, the order rotating, so a noisy machine slows them alike.
+take turns round by round, the order rotating, so a noisy machine slows them alike. With
+``--gguf`` (the model's file) the answers' text is counted with its vocabulary, the same for every
+server, instead of trusting each server's ``completion_tokens``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,27 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import client, workloads
 
 
-def measure(urls: dict[str, str], model: str, streams: list[int], rounds: int, tokens: int) -> dict:
+def text_tokens(gguf: Path) -> Callable[[str], int]:
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+    return lambda text: len(vocab.tokenize(text.encode(), add_bos=False, special=False))
+
+
+def measure(
+    urls: dict[str, str],
+    model: str,
+    streams: list[int],
+    rounds: int,
+    tokens: int,
+    count: Callable[[str], int] | None = None,
+) -> dict:
     names = list(urls)
     runs: dict[int, dict[str, list[float]]] = {c: {p: [] for p in names} for c in streams}
     for r in range(rounds):
@@ -32,7 +49,7 @@ def measure(urls: dict[str, str], model: str, streams: list[int], rounds: int, t
                     {"model": model, "prompt": p, "max_tokens": tokens, "temperature": 0}
                     for p in workloads.generation_prompts(n, f"{peer}-{r}-{c}")
                 ]
-                out = client.concurrent_throughput(urls[peer], bodies, c, n)
+                out = client.concurrent_throughput(urls[peer], bodies, c, n, count)
                 runs[c][peer].append(out["tokens_per_s"])
         print(f"  round {r + 1}: done", file=sys.stderr)
     rows = [
@@ -74,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--streams", default="1,8", help="concurrent clients per run")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--gguf", type=Path, help="count answers' tokens with this vocabulary")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     try:
@@ -83,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     for url in urls.values():
         client.check_overhead(url)
     streams = [int(x) for x in args.streams.split(",")]
-    rep = measure(urls, args.model, streams, args.rounds, args.tokens)
+    count = text_tokens(args.gguf) if args.gguf else None
+    rep = measure(urls, args.model, streams, args.rounds, args.tokens, count)
     if args.json:
         args.json.write_text(json.dumps(rep, indent=2))
     print(markdown(rep))

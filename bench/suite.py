@@ -126,6 +126,7 @@ def run_suite(
             plan.autocomplete_tokens,
             step=bar.update,
         )
+        generated = raw_tokenizer(t, prompt=False)
         for r in range(plan.rounds):
             for c in plan.concurrency:
                 for peer in http_peers[r % len(http_peers) :] + http_peers[: r % len(http_peers)]:
@@ -140,7 +141,7 @@ def run_suite(
                         }
                         for prompt in workloads.generation_prompts(n, f"{peer}-{r}-{c}")
                     ]
-                    out = client.concurrent_throughput(urls[peer], bodies, c, n)
+                    out = client.concurrent_throughput(urls[peer], bodies, c, n, generated)
                     res.concurrent.setdefault(peer, {}).setdefault(c, []).append(
                         out["tokens_per_s"]
                     )
@@ -168,14 +169,15 @@ def _http(url: str, model: str):
 _TOKENIZERS: dict[Path, object] = {}
 
 
-def raw_tokenizer(t: Target):
-    """Prompt token counts from the model's own vocabulary, the same for every peer."""
+def raw_tokenizer(t: Target, *, prompt: bool = True):
+    """Token counts from the model's own vocabulary, the same for every peer: of a prompt (with
+    its BOS), or of generated text (``prompt=False``)."""
     import llama_cpp
 
     if t.path not in _TOKENIZERS:
         _TOKENIZERS[t.path] = llama_cpp.Llama(str(t.path), vocab_only=True, verbose=False)
     llm = _TOKENIZERS[t.path]
-    return lambda text: len(llm.tokenize(text.encode(), add_bos=True, special=True))
+    return lambda text: len(llm.tokenize(text.encode(), add_bos=prompt, special=prompt))
 
 
 def _single_stream(run, peer: str, plan: Plan, problems, res: Results, count, r: int) -> None:

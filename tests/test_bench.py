@@ -157,10 +157,12 @@ def test_batched_speculation_bench_reports_both_modes(model_path):
     assert "| 8 |" in markdown({"targets": [rep]})
 
 
-def test_streams_quick(server):
+def test_streams_quick(server, model_path):
     from bench import streams
 
-    out = streams.measure({"a": server.url, "b": server.url}, "smollm2-135m", [1, 2], 1, 8)
+    count = streams.text_tokens(model_path)
+    urls = {"a": server.url, "b": server.url}
+    out = streams.measure(urls, "smollm2-135m", [1, 2], 1, 8, count)
     assert [r["streams"] for r in out["rows"]] == [1, 2]
     for row in out["rows"]:
         assert all(v > 0 for v in row["tokens_per_s"].values())

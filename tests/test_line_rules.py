@@ -93,7 +93,9 @@ def test_an_error_mid_stream_is_the_last_event():
     )
 
     async def run() -> list[dict]:
-        return [json.loads(f["data"]) async for f in _frames(failing(), answer)]
+        frames = [f async for f in _frames(failing(), answer)]
+        assert all(f.startswith(b"data: ") and f.endswith(b"\n\n") for f in frames), frames
+        return [json.loads(f[6:]) for f in frames]
 
     frames = asyncio.run(run())
     assert frames[0]["content"] == "ab"
