@@ -10,6 +10,7 @@ raises when that is 1 ms or more, so a slow harness can never pass for a slow se
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import statistics
@@ -104,12 +105,22 @@ class Connection:
 _local = threading.local()
 
 
-def named(urls: list[str], names: str | None) -> dict[str, str]:
-    """{name: url} from repeated ``--url`` and a comma list of names (default peer1, peer2...)."""
-    labels = names.split(",") if names else [f"peer{i + 1}" for i in range(len(urls))]
-    if len(labels) != len(urls):
-        raise ValueError("--names needs one name per --url")
-    return dict(zip(labels, urls, strict=True))
+def add_peer_options(ap: argparse.ArgumentParser) -> None:
+    """``--url`` (repeated), ``--names`` and ``--model``: servers someone else started."""
+    ap.add_argument("--url", action="append", required=True, help="a server; repeat for more")
+    ap.add_argument("--names", help="comma list, one per --url (default: peer1, peer2, ...)")
+    ap.add_argument("--model", default="smollm2-135m")
+
+
+def peers(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """{name: url} from the options of `add_peer_options`, each server's client checked."""
+    urls: list[str] = args.url
+    names = args.names.split(",") if args.names else [f"peer{i + 1}" for i in range(len(urls))]
+    if len(names) != len(urls):
+        ap.error("--names needs one name per --url")
+    for url in urls:
+        check_overhead(url)
+    return dict(zip(names, urls, strict=True))
 
 
 def connection(url: str) -> Connection:

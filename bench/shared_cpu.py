@@ -83,20 +83,13 @@ def markdown(rep: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.shared_cpu", description=__doc__)
-    ap.add_argument("--url", action="append", required=True, help="a server; repeat for more")
-    ap.add_argument("--names", help="comma list, one per --url (default: peer1, peer2, ...)")
-    ap.add_argument("--model", default="smollm2-135m")
+    client.add_peer_options(ap)
     ap.add_argument("--loads", default="0,1,2", help="busy-loop processes per run")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    try:
-        urls = client.named(args.url, args.names)
-    except ValueError as e:
-        ap.error(str(e))
-    for url in urls.values():
-        client.check_overhead(url)
+    urls = client.peers(ap, args)
     rep = measure(
         urls, args.model, [int(x) for x in args.loads.split(",")], args.rounds, args.tokens
     )

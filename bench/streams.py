@@ -85,21 +85,14 @@ def markdown(rep: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.streams", description=__doc__)
-    ap.add_argument("--url", action="append", required=True, help="a server; repeat for more")
-    ap.add_argument("--names", help="comma list, one per --url (default: peer1, peer2, ...)")
-    ap.add_argument("--model", default="smollm2-135m")
+    client.add_peer_options(ap)
     ap.add_argument("--streams", default="1,8", help="concurrent clients per run")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--gguf", type=Path, help="count answers' tokens with this vocabulary")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    try:
-        urls = client.named(args.url, args.names)
-    except ValueError as e:
-        ap.error(str(e))
-    for url in urls.values():
-        client.check_overhead(url)
+    urls = client.peers(ap, args)
     streams = [int(x) for x in args.streams.split(",")]
     count = text_tokens(args.gguf) if args.gguf else None
     rep = measure(urls, args.model, streams, args.rounds, args.tokens, count)
