@@ -20,12 +20,17 @@ PING_S = 15
 
 def data_frame(data: str) -> bytes:
     """One ``data:`` event; ``data`` is one line (compact JSON, or ``[DONE]``)."""
-    return b"data: " + data.encode() + b"\n\n"
+    return b"data: " + _utf8(data) + b"\n\n"
 
 
 def event_frame(event: str, data: str) -> bytes:
     """One named event (OpenAI's Responses API names every event by its type)."""
-    return b"event: " + event.encode() + b"\ndata: " + data.encode() + b"\n\n"
+    return b"event: " + _utf8(event) + b"\ndata: " + _utf8(data) + b"\n\n"
+
+
+def _utf8(text: str) -> bytes:
+    # A lone surrogate (a request's "\ud800" echoed in an error) must not cut the stream.
+    return text.encode("utf-8", "replace")
 
 
 class EventStream(EventSourceResponse):
