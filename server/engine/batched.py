@@ -388,10 +388,7 @@ class BatchedEngine:
         g, req = c.group, c.group.req
         if c.t_first is None:
             c.t_first = time.perf_counter()
-        if c.greedy:
-            token = int(self._ctx.logits(index, self._n_vocab).argmax())
-        else:
-            token = int(self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index))
+        token = self._pick(c, index)
         c.state = "decode"
         if self.model.is_eog(token):
             self._finish(c, "stop")
@@ -409,6 +406,12 @@ class BatchedEngine:
         ):
             self._finish(c, "length")
         return token
+
+    def _pick(self, c: Choice, index: int) -> int:
+        """The token row ``index`` gives choice ``c``: its sampler's pick."""
+        if c.greedy:
+            return int(self._ctx.logits(index, self._n_vocab).argmax())
+        return int(self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index))
 
     def _logprob(self, index: int, token: int, top_n: int) -> TokenLogprob:
         row = self._ctx.logits(index, self._n_vocab)
