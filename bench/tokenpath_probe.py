@@ -184,7 +184,7 @@ def install(probe: Probe, worker: Any) -> Installed:
 
     from server.api.openai import completions, streaming
     from server.api.sse import EventStream
-    from server.engine import batched
+    from server.engine import batch_choices, batched
     from server.engine.text import TextReleaser
 
     engine = worker.engine
@@ -195,7 +195,7 @@ def install(probe: Probe, worker: Any) -> Installed:
     # Decode thread: llama_decode (through the context's library handle), sampling, release, emit.
     ctx = engine._ctx
     done.replace(ctx, "_lib", LibProxy(ctx._lib, llama_decode=probe.decode(ctx._lib.llama_decode)))
-    done.replace(engine, "_pick", probe.sample(engine._pick))
+    done.replace(engine._choices, "pick", probe.sample(engine._choices.pick))
 
     class TimedReleaser(TextReleaser):
         def push(self, *args: Any, **kwargs: Any) -> Any:
@@ -203,7 +203,7 @@ def install(probe: Probe, worker: Any) -> Installed:
             probe.mark("release_end", probe.last_token)
             return out
 
-    done.replace(batched, "TextReleaser", TimedReleaser)
+    done.replace(batch_choices, "TextReleaser", TimedReleaser)
     submit = engine.submit
     done.replace(engine, "submit", lambda request, sink: submit(request, probe.sink(sink)))
 

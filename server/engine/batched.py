@@ -12,7 +12,9 @@ events itself, gathered per step and handed over right before the next llama_dec
 per request: on 2 cores each thread woken per token steals time from llama.cpp's threads). A slot
 keeps its KV cache after its request for the next one sharing a prefix; which slot a prompt
 takes and which idle caches stay in the buffer is server.engine.slot_cache. Greedy sequences may
-speculate with prompt lookup inside the shared step (server.engine.batch_speculation).
+speculate with prompt lookup inside the shared step (server.engine.batch_speculation). What a
+choice does with its logits rows once a step computed them (pick, verify drafts, release text,
+finish) is server.engine.batch_choices.
 """
 
 from __future__ import annotations
@@ -26,27 +28,22 @@ import time
 from server.engine.base import (
     CacheStats,
     CancelFlag,
-    Delta,
     EmbeddingRequest,
     Event,
     EventSink,
-    Finished,
-    FinishReason,
     Request,
-    Timings,
-    TokenLogprob,
     available_cores,
     ggml_kv_type,
 )
+from server.engine.batch_choices import ChoiceTokens
 from server.engine.batch_speculation import BatchSpeculation
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
 from server.engine.cpu_share import CpuShare
 from server.engine.model import Model
 from server.engine.prompt_cache import PromptCache
-from server.engine.sampling import logprob_entry, plain_greedy, sampler_chain
+from server.engine.sampling import sampler_chain
 from server.engine.slot_cache import SlotCaches
-from server.engine.text import TextReleaser
 from server.errors import InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -91,6 +88,7 @@ class BatchedEngine:
         )
         self.kv_cells = cfg.n_ctx * slots
         self._speculation = BatchSpeculation(model, self._ctx, self._n_batch)
+        self._choices = ChoiceTokens(self._ctx, model, self._speculation)
         self._slots = [Slot(i) for i in range(slots)]
         self._caches = SlotCaches(self._ctx, model, self._slots, self.prompt_cache, self._n_batch)
         self._incoming: list[Group] = []
@@ -234,7 +232,7 @@ class BatchedEngine:
         if g.req.max_tokens <= 0:
             # A warm-up (llama-server's n_predict 0): evaluate the prompt into the cache, then
             # finish every choice without sampling (see _prompt_ready).
-            self._new_choice(g, primary, state="prefill")
+            self._choices.new(g, primary, state="prefill")
             self._caches.forget_idle()
             return
         # Further choices take the slots idle longest, sparing the recent caches worth keeping.
@@ -242,47 +240,8 @@ class BatchedEngine:
         extra = spare[: min(g.req.n, self.capacity) - 1]
         for slot in [primary, *extra]:
             slot.busy = True
-            self._new_choice(g, slot, state="prefill")
+            self._choices.new(g, slot, state="prefill")
         self._caches.forget_idle()
-
-    def _new_choice(self, g: Group, slot: Slot, state: str) -> None:
-        seed = (g.base_seed + g.next_index) & 0x7FFFFFFF
-        choice = Choice(
-            g,
-            g.next_index,
-            slot,
-            sampler_chain(g.req, seed, self.model),
-            TextReleaser(g.req.stop),
-            greedy=plain_greedy(g.req),
-            state=state,
-        )
-        self._speculation.start(choice)
-        g.choices.append(choice)
-        g.next_index += 1
-
-    def _verify(self, c: Choice, row: int, draft_rows: int, drafts: list[int]) -> None:
-        """Walk the verify rows: ``row`` (after the pending token) then ``draft_rows``...
-        (after each draft), keeping drafts while the sampler picks them; the first token it
-        picks otherwise is its own, and the cells after the kept tokens are removed."""
-        end = len(c.slot.tokens) + len(drafts)  # cells written: the pending token and drafts
-        emitted: list[int] = []
-        for j in range(len(drafts) + 1):
-            token = self._sample(c, row if j == 0 else draft_rows + j - 1)
-            emitted.append(token)
-            if c.state == "done" or j == len(drafts) or token != drafts[j]:
-                break
-            c.slot.tokens.append(token)  # an accepted draft: its cell already holds it
-        c.drafted += len(drafts)
-        c.accepted += len(emitted) - 1
-        if len(c.slot.tokens) < end:
-            self._ctx.seq_rm(c.slot.seq_id, len(c.slot.tokens), -1)
-        assert c.drafts is not None
-        c.drafts.settle(emitted)
-
-    def _finish_now(self, g: Group, reason: FinishReason) -> None:
-        g.send(Finished(g.next_index, reason, Timings(len(g.req.prompt), g.cached, 0, 0, 0)))
-        g.next_index += 1
-        g.finished += 1
 
     def _step(self) -> None:
         entries: list[tuple[int, int, int, bool]] = []  # token, pos, seq, wants logits
@@ -332,18 +291,16 @@ class BatchedEngine:
                     continue
                 if owner.state == "eval_last":
                     owner.slot.tokens.append(owner.group.req.prompt[-1])
-                    self._sample_first(owner, i)
+                    self._choices.first(owner, i)
                     continue
                 owner.slot.tokens.append(owner.last)
                 owner.passes += 1
                 mine = drafts.get(owner)
                 if mine:
-                    self._verify(owner, i, draft_row, mine)
+                    self._choices.verify(owner, i, draft_row, mine)
                     draft_row += len(mine)
                 else:
-                    token = self._sample(owner, i)
-                    if owner.drafts is not None:
-                        owner.drafts.settle([token])
+                    self._choices.next(owner, i)
         self._retire()
         if not entries or not self._groups:  # no next step to overlap with: send now
             self._flush()
@@ -366,90 +323,16 @@ class BatchedEngine:
         assert g.primary is not None
         if g.req.max_tokens <= 0:  # a warm-up: the cache is filled, nothing to generate
             while g.remaining > 0:
-                self._finish_now(g, "length")
+                self._choices.finish_unstarted(g, "length")
             for c in g.choices:
-                self._finish(c, "length")
+                self._choices.finish(c, "length")
             return
         for c in g.choices:
             if c.slot is not g.primary:
                 self._ctx.seq_rm(c.slot.seq_id, -1, -1)
                 self._ctx.seq_cp(g.primary.seq_id, c.slot.seq_id)
                 c.slot.tokens = list(g.primary.tokens)
-            self._sample_first(c, index)
-
-    def _sample_first(self, c: Choice, index: int) -> None:
-        token = self._sample(c, index)
-        if c.drafts is not None:
-            c.drafts.extend([token])
-
-    def _sample(self, c: Choice, index: int) -> int:
-        """Sample from row ``index`` and emit the token; returns it (even when it ends the
-        choice: an end-of-generation token, a stop string, the budget)."""
-        g, req = c.group, c.group.req
-        if c.t_first is None:
-            c.t_first = time.perf_counter()
-        token = self._pick(c, index)
-        c.state = "decode"
-        if self.model.is_eog(token):
-            self._finish(c, "stop")
-            return token
-        c.completion += 1
-        c.last = token
-        lp = self._logprob(index, token, req.logprobs) if req.logprobs is not None else None
-        out = c.releaser.push(token, self.model.piece(token), lp)
-        if out:
-            g.send(Delta(c.index, out.text, tuple(out.token_ids), tuple(out.logprobs)))
-        if c.releaser.stopped:
-            self._finish(c, "stop")
-        elif c.completion >= req.max_tokens or (
-            req.time_budget_s is not None and time.perf_counter() - g.t0 > req.time_budget_s
-        ):
-            self._finish(c, "length")
-        return token
-
-    def _pick(self, c: Choice, index: int) -> int:
-        """The token row ``index`` gives choice ``c``: its sampler's pick."""
-        if c.greedy:
-            return int(self._ctx.logits(index, self._n_vocab).argmax())
-        return int(self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index))
-
-    def _logprob(self, index: int, token: int, top_n: int) -> TokenLogprob:
-        row = self._ctx.logits(index, self._n_vocab)
-        return logprob_entry(row, token, top_n, self.detokenize)
-
-    def _finish(self, c: Choice, reason: FinishReason) -> None:
-        g = c.group
-        tail = c.releaser.finish() if reason != "cancelled" else None
-        if tail:
-            g.send(Delta(c.index, tail.text, tuple(tail.token_ids), tuple(tail.logprobs)))
-        now = time.perf_counter()
-        first = c.t_first or now
-        g.send(
-            Finished(
-                c.index,
-                reason,
-                Timings(
-                    prompt_tokens=len(g.req.prompt),
-                    cached_tokens=g.cached,
-                    completion_tokens=c.completion,
-                    prompt_ms=(first - g.t0) * 1e3,
-                    decode_ms=(now - first) * 1e3,
-                    drafted=c.drafted,
-                    accepted=c.accepted,
-                    # Without drafts, one forward pass per token (the first is the prompt's).
-                    target_passes=c.passes + 1 if c.drafted else c.completion,
-                ),
-            )
-        )
-        c.state = "done"
-        g.finished += 1
-        self._lib.llama_sampler_free(c.sampler)
-        if g.remaining > 0 and reason != "cancelled" and not g.cancelled():
-            # More choices than slots: this slot goes back to the prompt for the next one.
-            prompt_len = len(g.req.prompt)
-            self._ctx.seq_rm(c.slot.seq_id, prompt_len - 1, -1)
-            c.slot.tokens = c.slot.tokens[: prompt_len - 1]
-            self._new_choice(g, c.slot, state="eval_last")
+            self._choices.first(c, index)
 
     def _retire(self) -> None:
         for g in [g for g in self._groups if g.finished >= g.req.n or g.cancelled()]:
@@ -457,9 +340,9 @@ class BatchedEngine:
             # (a client may leave after this step took its tokens: the choices are still live).
             for c in g.choices:
                 if c.state != "done":
-                    self._finish(c, "cancelled")
+                    self._choices.finish(c, "cancelled")
             while g.remaining > 0:
-                self._finish_now(g, "cancelled")
+                self._choices.finish_unstarted(g, "cancelled")
             self._release(g)
             self._groups.remove(g)
             g.end(None)

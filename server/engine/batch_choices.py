@@ -1,0 +1,154 @@
+"""What the batched engine does with one choice's rows of logits once a step has computed them.
+
+A choice's token comes from its logits row (numpy's argmax for plain greedy, else its llama.cpp
+sampler chain); drafted rows are walked while the pick agrees; text is released past stop strings
+and emitted; a choice finishes on an end token, a stop string, its budget or cancellation, and its
+slot then starts the request's next choice when a request asks for more choices than slots. The
+step and admission loop around it is server.engine.batched.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from server.engine.base import Delta, Finished, FinishReason, Timings, TokenLogprob
+from server.engine.batch_speculation import BatchSpeculation
+from server.engine.batch_state import Choice, Group, Slot
+from server.engine.binding import BatchContext
+from server.engine.model import Model
+from server.engine.sampling import logprob_entry, plain_greedy, sampler_chain
+from server.engine.text import TextReleaser
+
+
+class ChoiceTokens:
+    def __init__(self, ctx: BatchContext, model: Model, speculation: BatchSpeculation) -> None:
+        import llama_cpp
+
+        self._lib: Any = llama_cpp
+        self._ctx = ctx
+        self.model = model
+        self._n_vocab = model.n_vocab
+        self._speculation = speculation
+
+    def new(self, g: Group, slot: Slot, state: str) -> None:
+        """The group's next choice, decoding in ``slot`` with its own seed."""
+        seed = (g.base_seed + g.next_index) & 0x7FFFFFFF
+        choice = Choice(
+            g,
+            g.next_index,
+            slot,
+            sampler_chain(g.req, seed, self.model),
+            TextReleaser(g.req.stop),
+            greedy=plain_greedy(g.req),
+            state=state,
+        )
+        self._speculation.start(choice)
+        g.choices.append(choice)
+        g.next_index += 1
+
+    def first(self, c: Choice, index: int) -> None:
+        """The choice's first token, from the row after its prompt."""
+        token = self.sample(c, index)
+        if c.drafts is not None:
+            c.drafts.extend([token])
+
+    def next(self, c: Choice, index: int) -> None:
+        """A decoding choice's next token, from the row after its last one."""
+        token = self.sample(c, index)
+        if c.drafts is not None:
+            c.drafts.settle([token])
+
+    def verify(self, c: Choice, row: int, draft_rows: int, drafts: list[int]) -> None:
+        """Walk the verify rows: ``row`` (after the pending token) then ``draft_rows``...
+        (after each draft), keeping drafts while the sampler picks them; the first token it
+        picks otherwise is its own, and the cells after the kept tokens are removed."""
+        end = len(c.slot.tokens) + len(drafts)  # cells written: the pending token and drafts
+        emitted: list[int] = []
+        for j in range(len(drafts) + 1):
+            token = self.sample(c, row if j == 0 else draft_rows + j - 1)
+            emitted.append(token)
+            if c.state == "done" or j == len(drafts) or token != drafts[j]:
+                break
+            c.slot.tokens.append(token)  # an accepted draft: its cell already holds it
+        c.drafted += len(drafts)
+        c.accepted += len(emitted) - 1
+        if len(c.slot.tokens) < end:
+            self._ctx.seq_rm(c.slot.seq_id, len(c.slot.tokens), -1)
+        assert c.drafts is not None
+        c.drafts.settle(emitted)
+
+    def sample(self, c: Choice, index: int) -> int:
+        """Sample from row ``index`` and emit the token; returns it (even when it ends the
+        choice: an end-of-generation token, a stop string, the budget)."""
+        g, req = c.group, c.group.req
+        if c.t_first is None:
+            c.t_first = time.perf_counter()
+        token = self.pick(c, index)
+        c.state = "decode"
+        if self.model.is_eog(token):
+            self.finish(c, "stop")
+            return token
+        c.completion += 1
+        c.last = token
+        lp = self._logprob(index, token, req.logprobs) if req.logprobs is not None else None
+        out = c.releaser.push(token, self.model.piece(token), lp)
+        if out:
+            g.send(Delta(c.index, out.text, tuple(out.token_ids), tuple(out.logprobs)))
+        if c.releaser.stopped:
+            self.finish(c, "stop")
+        elif c.completion >= req.max_tokens or (
+            req.time_budget_s is not None and time.perf_counter() - g.t0 > req.time_budget_s
+        ):
+            self.finish(c, "length")
+        return token
+
+    def pick(self, c: Choice, index: int) -> int:
+        """The token row ``index`` gives choice ``c``: its sampler's pick."""
+        if c.greedy:
+            return int(self._ctx.logits(index, self._n_vocab).argmax())
+        return int(self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index))
+
+    def _logprob(self, index: int, token: int, top_n: int) -> TokenLogprob:
+        row = self._ctx.logits(index, self._n_vocab)
+        return logprob_entry(row, token, top_n, self.model.detokenize)
+
+    def finish(self, c: Choice, reason: FinishReason) -> None:
+        g = c.group
+        tail = c.releaser.finish() if reason != "cancelled" else None
+        if tail:
+            g.send(Delta(c.index, tail.text, tuple(tail.token_ids), tuple(tail.logprobs)))
+        now = time.perf_counter()
+        first = c.t_first or now
+        g.send(
+            Finished(
+                c.index,
+                reason,
+                Timings(
+                    prompt_tokens=len(g.req.prompt),
+                    cached_tokens=g.cached,
+                    completion_tokens=c.completion,
+                    prompt_ms=(first - g.t0) * 1e3,
+                    decode_ms=(now - first) * 1e3,
+                    drafted=c.drafted,
+                    accepted=c.accepted,
+                    # Without drafts, one forward pass per token (the first is the prompt's).
+                    target_passes=c.passes + 1 if c.drafted else c.completion,
+                ),
+            )
+        )
+        c.state = "done"
+        g.finished += 1
+        self._lib.llama_sampler_free(c.sampler)
+        if g.remaining > 0 and reason != "cancelled" and not g.cancelled():
+            # More choices than slots: this slot goes back to the prompt for the next one.
+            prompt_len = len(g.req.prompt)
+            self._ctx.seq_rm(c.slot.seq_id, prompt_len - 1, -1)
+            c.slot.tokens = c.slot.tokens[: prompt_len - 1]
+            self.new(g, c.slot, state="eval_last")
+
+    def finish_unstarted(self, g: Group, reason: FinishReason) -> None:
+        """Finish the group's next choice before it ever took a slot."""
+        g.send(Finished(g.next_index, reason, Timings(len(g.req.prompt), g.cached, 0, 0, 0)))
+        g.next_index += 1
+        g.finished += 1
