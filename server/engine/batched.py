@@ -48,6 +48,14 @@ from server.errors import InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
+# After a step that sampled a request's first token, the decode thread pauses this long before the
+# next step when llama.cpp's threads fill every core, so the event loop, woken by the hand-off,
+# finds a free core and the GIL and sends the token at once. Without the pause it waits for a
+# scheduler slice behind the compute threads: time to first token is what an editor feels, and
+# the pause costs the other streams half a millisecond once per request.
+# Measured: bench/results/2026-11-23-first-token-yield.md.
+FIRST_TOKEN_YIELD_S = 0.0005
+
 
 class BatchedEngine:
     def __init__(
@@ -80,6 +88,7 @@ class BatchedEngine:
             ) from e
         self._n_vocab = model.n_vocab
         self._cpu = CpuShare(threads) if cfg.adapt_threads else None
+        self._cores = available_cores()
         self.prompt_cache = PromptCache(prompt_cache_mb << 20)
         self.info = dataclasses.replace(
             model.info,
@@ -245,6 +254,7 @@ class BatchedEngine:
 
     def _step(self) -> None:
         entries: list[tuple[int, int, int, bool]] = []  # token, pos, seq, wants logits
+        first_token = False
         owners: list[tuple[int, Choice | Group]] = []  # batch index → choice, or group
         # Checked every step: a client that left costs at most one token. Its group retires below.
         live = [g for g in self._groups if not g.cancelled()]
@@ -288,6 +298,7 @@ class BatchedEngine:
             for i, owner in owners:
                 if isinstance(owner, Group):
                     self._prompt_ready(owner, i)
+                    first_token = True
                     continue
                 if owner.state == "eval_last":
                     owner.slot.tokens.append(owner.group.req.prompt[-1])
@@ -304,6 +315,9 @@ class BatchedEngine:
         self._retire()
         if not entries or not self._groups:  # no next step to overlap with: send now
             self._flush()
+        elif first_token and self._ctx.threads[0] >= self._cores:
+            self._flush()
+            time.sleep(FIRST_TOKEN_YIELD_S)
 
     def _fit_threads(self) -> None:
         if self._cpu is None or (n := self._cpu.threads()) == self._ctx.threads:
