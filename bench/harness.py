@@ -127,10 +127,15 @@ def codeserve(
         "--log-level",
         "warning",
     ]
-    if t is not None:
-        cmd += ["--models-file", str(_codeserve_registry(t, variants or {}))]
-    with _process(cmd, f"http://127.0.0.1:{port}", "/health", "codeserve") as url:
-        yield url
+    registry = _codeserve_registry(t, variants or {}) if t is not None else None
+    if registry is not None:
+        cmd += ["--models-file", str(registry)]
+    try:
+        with _process(cmd, f"http://127.0.0.1:{port}", "/health", "codeserve") as url:
+            yield url
+    finally:
+        if registry is not None:
+            registry.unlink(missing_ok=True)
 
 
 @contextmanager
