@@ -11,22 +11,13 @@ import asyncio
 import json
 import math
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from server.engine.base import (
-    Delta,
-    End,
-    Event,
-    Finished,
-    GenerationRequest,
-    SamplingParams,
-    available_cores,
-)
-from server.engine.batched import FIRST_TOKEN_YIELD_S, BatchedEngine
+from server.engine.base import Finished, GenerationRequest, SamplingParams
+from server.engine.batched import BatchedEngine
 from server.engine.model import Model
 from server.scheduler import ModelWorker
 from tests.conftest import SMALL_CTX_MODEL
@@ -250,40 +241,3 @@ def test_clients_leaving_together_never_strand_a_slot(model_path, registry):
         assert all(f.reason in ("stop", "length") for f in finished), finished
     finally:
         worker.close()
-
-
-def test_a_first_token_is_handed_over_before_the_next_step(model_path, registry):
-    # With llama.cpp's threads on every core, the event loop that sends a request's first token
-    # would wait behind them for a scheduler slice: the decode thread hands the token over and
-    # pauses before it starts the next step.
-    cfg = registry.models["smollm2-135m"].model_copy(
-        update={"n_ctx": 512, "n_threads": available_cores(), "adapt_threads": False}
-    )
-    engine = BatchedEngine(Model.load(model_path, cfg), slots=2)
-    steps: list[float] = []
-    decode = engine._ctx.decode
-
-    def timed_decode(entries: list[tuple[int, int, int, bool]]) -> None:
-        steps.append(time.perf_counter())
-        decode(entries)
-
-    engine._ctx.decode = timed_decode  # type: ignore[method-assign]
-    events: list[tuple[float, Event]] = []
-    done = threading.Event()
-
-    def sink(event: Event) -> None:
-        events.append((time.perf_counter(), event))
-        if isinstance(event, End):
-            done.set()
-
-    try:
-        prompt = engine.tokenize("def fibonacci(n):\n", add_bos=True)
-        engine.submit(GenerationRequest(prompt, 6, sampling=SamplingParams(temperature=0)), sink)
-        assert done.wait(60)
-    finally:
-        engine.close()
-    deltas = [t for t, e in events if isinstance(e, Delta) and e.token_ids]
-    assert len(deltas) >= 2 and isinstance(events[-1][1], End)
-    after_first = [t for t in steps if t > deltas[0]]
-    assert after_first, "the step after the first token never ran"
-    assert after_first[0] - deltas[0] >= FIRST_TOKEN_YIELD_S

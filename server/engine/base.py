@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,21 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+# After a request's first token, a decode thread pauses this long before its next step when
+# llama.cpp's threads fill every core, so the event loop, woken by the hand-off, finds a free core
+# and the GIL and sends the token at once. Without the pause it waits for a scheduler slice
+# behind the compute threads: time to first token is what an editor feels, and the pause costs
+# the other streams half a millisecond once per request.
+# Measured: bench/results/2026-11-23-first-token-yield.md.
+FIRST_TOKEN_YIELD_S = 0.0005
+
+
+def pause_for_first_token(threads: int) -> None:
+    """Let the event loop send a first token before ``threads`` compute threads take the cores."""
+    if threads >= available_cores():
+        time.sleep(FIRST_TOKEN_YIELD_S)
 
 
 def ggml_kv_type(kv_cache: str) -> int:

@@ -34,6 +34,7 @@ from server.engine.base import (
     Request,
     available_cores,
     ggml_kv_type,
+    pause_for_first_token,
 )
 from server.engine.batch_choices import ChoiceTokens
 from server.engine.batch_speculation import BatchSpeculation
@@ -47,14 +48,6 @@ from server.engine.slot_cache import SlotCaches
 from server.errors import InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
-
-# After a step that sampled a request's first token, the decode thread pauses this long before the
-# next step when llama.cpp's threads fill every core, so the event loop, woken by the hand-off,
-# finds a free core and the GIL and sends the token at once. Without the pause it waits for a
-# scheduler slice behind the compute threads: time to first token is what an editor feels, and
-# the pause costs the other streams half a millisecond once per request.
-# Measured: bench/results/2026-11-23-first-token-yield.md.
-FIRST_TOKEN_YIELD_S = 0.0005
 
 
 class BatchedEngine:
@@ -88,7 +81,6 @@ class BatchedEngine:
             ) from e
         self._n_vocab = model.n_vocab
         self._cpu = CpuShare(threads) if cfg.adapt_threads else None
-        self._cores = available_cores()
         self.prompt_cache = PromptCache(prompt_cache_mb << 20)
         self.info = dataclasses.replace(
             model.info,
@@ -315,9 +307,9 @@ class BatchedEngine:
         self._retire()
         if not entries or not self._groups:  # no next step to overlap with: send now
             self._flush()
-        elif first_token and self._ctx.threads[0] >= self._cores:
+        elif first_token:
             self._flush()
-            time.sleep(FIRST_TOKEN_YIELD_S)
+            pause_for_first_token(self._ctx.threads[0])
 
     def _fit_threads(self) -> None:
         if self._cpu is None or (n := self._cpu.threads()) == self._ctx.threads:

@@ -42,6 +42,7 @@ from server.engine.base import (
     TokenLogprob,
     available_cores,
     open_llama,
+    pause_for_first_token,
 )
 from server.engine.devices import list_devices, report_load
 from server.engine.drafters import DraftModel, check_same_vocabulary
@@ -137,8 +138,12 @@ class LlamaEngine:
         while (job := self._jobs.get()) is not None:
             request, sink, handle = job
             try:
+                first = True
                 for event in self.generate(request, handle.is_set):
                     sink(event)
+                    if first and isinstance(event, Delta):
+                        first = False
+                        pause_for_first_token(self._threads)
             except Exception as e:
                 log.exception("generation failed on model %s", self.cfg.name)
                 sink(End(e))
