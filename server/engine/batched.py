@@ -290,7 +290,7 @@ class BatchedEngine:
             for i, owner in owners:
                 if isinstance(owner, Group):
                     self._prompt_ready(owner, i)
-                    first_token = True
+                    first_token = first_token or owner.req.max_tokens > 0  # not a warm-up
                     continue
                 if owner.state == "eval_last":
                     owner.slot.tokens.append(owner.group.req.prompt[-1])
