@@ -15,14 +15,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from server.engine.base import ggml_kv_type
+
+_VOCABS: dict[Path, Any] = {}
+
+
+def token_counter(gguf: Path, *, prompt: bool = True) -> Callable[[str], int]:
+    """Token counts from a GGUF's own vocabulary, the same for every peer: of a prompt (with its
+    BOS and special markers), or of generated text (``prompt=False``)."""
+    import llama_cpp
+
+    if gguf not in _VOCABS:
+        _VOCABS[gguf] = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+    vocab = _VOCABS[gguf]
+    return lambda text: len(vocab.tokenize(text.encode(), add_bos=prompt, special=prompt))
 
 
 def free_port() -> int:

@@ -21,13 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import client, workloads
-
-
-def text_tokens(gguf: Path) -> Callable[[str], int]:
-    import llama_cpp
-
-    vocab = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
-    return lambda text: len(vocab.tokenize(text.encode(), add_bos=False, special=False))
+from bench.harness import token_counter
 
 
 def measure(
@@ -94,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     urls = client.peers(ap, args)
     streams = [int(x) for x in args.streams.split(",")]
-    count = text_tokens(args.gguf) if args.gguf else None
+    count = token_counter(args.gguf, prompt=False) if args.gguf else None
     rep = measure(urls, args.model, streams, args.rounds, args.tokens, count)
     if args.json:
         args.json.write_text(json.dumps(rep, indent=2))

@@ -9,13 +9,19 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tqdm import tqdm
 
 from bench import client, editor_trace, machine, round_robin, workloads
 from bench.contention import busy_load
-from bench.harness import Target, llama_server_args, percentile, servers, summary
+from bench.harness import (
+    Target,
+    llama_server_args,
+    percentile,
+    servers,
+    summary,
+    token_counter,
+)
 from bench.raw import RawLlama
 
 PEERS = ("codeserve", "codeserve-simple", "raw", "llama-cpp-python", "llama-server")
@@ -102,7 +108,7 @@ def run_suite(
             for peer in order:
                 bar.set_postfix_str(f"round {r + 1} {peer}")
                 run = raw.stream if peer == "raw" else _http(urls[peer], t.name)
-                _single_stream(run, peer, plan, problems, res, raw_tokenizer(t), r)
+                _single_stream(run, peer, plan, problems, res, token_counter(t.path), r)
                 bar.update()
         bar.set_postfix_str("editor trace")
         editor = (
@@ -126,7 +132,7 @@ def run_suite(
             plan.autocomplete_tokens,
             step=bar.update,
         )
-        generated = raw_tokenizer(t, prompt=False)
+        generated = token_counter(t.path, prompt=False)
         for r in range(plan.rounds):
             for c in plan.concurrency:
                 for peer in http_peers[r % len(http_peers) :] + http_peers[: r % len(http_peers)]:
@@ -164,20 +170,6 @@ def _http(url: str, model: str):
         return client.stream(url, {"model": model, **body})
 
     return run
-
-
-_TOKENIZERS: dict[Path, object] = {}
-
-
-def raw_tokenizer(t: Target, *, prompt: bool = True):
-    """Token counts from the model's own vocabulary, the same for every peer: of a prompt (with
-    its BOS), or of generated text (``prompt=False``)."""
-    import llama_cpp
-
-    if t.path not in _TOKENIZERS:
-        _TOKENIZERS[t.path] = llama_cpp.Llama(str(t.path), vocab_only=True, verbose=False)
-    llm = _TOKENIZERS[t.path]
-    return lambda text: len(llm.tokenize(text.encode(), add_bos=prompt, special=prompt))
 
 
 def _single_stream(run, peer: str, plan: Plan, problems, res: Results, count, r: int) -> None:
@@ -233,7 +225,7 @@ def _variants(url: str | None, t: Target, variants: dict[str, dict], plan: Plan)
     if url is None or not variants:
         return out
     problems = workloads.humaneval()[: max(1, plan.humaneval_problems // 2)]
-    count = raw_tokenizer(t)
+    count = token_counter(t.path)
     rewrites = workloads.rewrite_prompts(max(1, plan.humaneval_problems // 2), count)
     bodies = {
         "decode_tok_s": [

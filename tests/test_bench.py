@@ -159,8 +159,9 @@ def test_batched_speculation_bench_reports_both_modes(model_path):
 
 def test_streams_quick(server, model_path):
     from bench import streams
+    from bench.harness import token_counter
 
-    count = streams.text_tokens(model_path)
+    count = token_counter(model_path, prompt=False)
     urls = {"a": server.url, "b": server.url}
     out = streams.measure(urls, "smollm2-135m", [1, 2], 1, 8, count)
     assert [r["streams"] for r in out["rows"]] == [1, 2]
