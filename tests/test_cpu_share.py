@@ -78,11 +78,36 @@ def test_work_after_a_rest_starts_with_every_thread_and_its_own_reading():
     m.run(3.0, ours=0.0)  # another server decodes while this one waits
     m.others = 0.0
     assert s.threads() == (2, 2)
+    first_step(s, m)
     assert settle(s, m, 0.0, readings=1) == 2  # the wait's load is not held against it
     s.rest()
     m.others = 2.0
     assert s.threads() == (2, 2)
+    first_step(s, m)
     assert settle(s, m, 2.0, readings=1) == 1  # one reading of a real load is enough
+
+
+def first_step(s: CpuShare, m: FakeMachine) -> None:
+    """The step after the first one since a rest (10 ms later), which takes the reading the
+    new work is measured from: the first reads nothing, it carries a first token."""
+    m.run(0.01)
+    assert s.threads() == (2, 2)
+
+
+def test_the_first_step_after_a_rest_reads_nothing():
+    m = FakeMachine()
+    reads = []
+    s = CpuShare(
+        2, frozenset({0, 1}), read=lambda c: reads.append(1) or m.read(c), clock=lambda: m.now
+    )
+    s.rest()
+    m.run(3.0, ours=0.0)
+    before = len(reads)
+    s.threads()
+    assert len(reads) == before
+    m.run(0.01)
+    s.threads()
+    assert len(reads) == before + 1
 
 
 def test_a_load_near_the_line_does_not_flip_the_count():

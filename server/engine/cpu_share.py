@@ -107,6 +107,7 @@ class CpuShare:
         self.others: float | None = None  # cores the other processes keep busy, smoothed
         self.current = (configured, configured)
         self._resting = False
+        self._reading_due = False
 
     def rest(self) -> None:
         """The engine has nothing to do: what others do meanwhile says little about the load
@@ -120,9 +121,15 @@ class CpuShare:
             return self.current
         now = self._clock()
         if self._resting:
-            self._resting = False
-            self._last, self._at = self._read(self.cpus) or self._last, now
+            # The first step after a rest carries a new request's first token: reading /proc
+            # (tenths of a millisecond) would delay it, so the reading the new work is measured
+            # from is taken at the next step instead.
+            self._resting, self._reading_due = False, True
             self.others, self.current = None, (self.configured, self.configured)
+            return self.current
+        if self._reading_due:
+            self._reading_due = False
+            self._last, self._at = self._read(self.cpus) or self._last, now
             return self.current
         if now - self._at < INTERVAL:
             return self.current
