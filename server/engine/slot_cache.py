@@ -75,15 +75,20 @@ class SlotCaches:
             )
 
         # The most reused tokens; among equals the slot idle longest, so recent caches survive.
-        plans = {s: (s.tokens, reuse_plan(s)) for s in free}
-        primary = max(free, key=lambda s: (plans[s][1].reused, -s.released))
+        # A slot holding the whole prompt in place (but the token evaluated to start the choices)
+        # cannot be beaten, so the others' chunk plans are not worked out: an editor sending a
+        # prompt again (a repeated keystroke, a prompt cycled through the slots) waits for none.
+        whole = [s for s in free if limit and common_prefix(s.tokens, prompt) >= limit]
+        candidates = whole or free
+        plans = {s: (s.tokens, reuse_plan(s)) for s in candidates}
+        primary = max(candidates, key=lambda s: (plans[s][1].reused, -s.released))
         if plans[primary][1].reused < min(limit, max(len(prompt) // 10, MIN_REUSE)):
             # Little to reuse anywhere: take an empty slot, else the one idle longest, rather
             # than overwrite a cache its own prompt may come back to (llama-server's rule too).
             primary = min(free, key=lambda s: (bool(s.tokens), s.released))
         if not cold:
             primary = self._restore_if_better(primary, free, prompt)
-        held, reuse = plans[primary]
+        held, reuse = plans[primary] if primary in plans else (primary.tokens, reuse_plan(primary))
         if primary.tokens is not held:  # a saved state was restored into it
             reuse = reuse_plan(primary)
         filler = max(self._model.info.bos_id or 0, 0)
