@@ -25,6 +25,16 @@ from server.registry import Registry, parse_registry
 from server.settings import ServerSettings
 from server.store import ModelStore
 
+# The embedding tests' session fixtures (the converted all-MiniLM-L6-v2, its numpy reference),
+# visible to every module so the conversion and the reference are built once per session.
+from tests.embeddings_common import (  # noqa: F401
+    checkpoint,
+    embed_cfg,
+    embed_gguf,
+    reference,
+    store,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 SMALL_CTX_MODEL = "smollm2-135m-ctx512"
 FIM_MODEL = "smollm2-135m-fim"
@@ -107,6 +117,20 @@ def server(registry: Registry) -> Iterator[LiveServer]:
 @pytest.fixture()
 def client(server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def fim_server(registry: Registry) -> Iterator[LiveServer]:
+    """codeserve serving the FIM model by default, as an editor's completion server runs."""
+    live = LiveServer(make_settings(model=FIM_MODEL), registry).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture()
+def fim(fim_server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=fim_server.url, timeout=120) as c:
         yield c
 
 
