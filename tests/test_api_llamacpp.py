@@ -1,206 +1,25 @@
-"""llama-server's native API on the real model, as llama.vscode, Continue and Tabby call it."""
+"""llama-server's native API on the real model, as Continue and Tabby call it: /completion, the
+tokenizer, /props and /slots, and bad input in its error shape (/infill:
+tests/test_api_llamacpp_infill.py)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import uuid
 
-import httpx
 import pytest
 
 from server.core.line_rules import IndentFloor
-from tests.conftest import FIM_MODEL, SMALL_CTX_MODEL, LiveServer, make_settings
+from tests.conftest import SMALL_CTX_MODEL
+from tests.llamacpp_client import (
+    CODE,
+    PREFIX,
+    SUFFIX,
+    assert_llama_error,
+    sse_events,
+    vscode_infill,
+)
 from tests.test_api_serving import request_lines
-
-PREFIX = "import math\n\n\ndef circle_area(radius):\n    "
-SUFFIX = "\n\n\ndef main():\n    print(circle_area(2.0))\n"
-CODE = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n"
-# llama.vscode's ring-buffer chunks: {text, time, filename} (src/extra-context.ts).
-CHUNKS = [
-    {"text": "def helper(x):\n    return x * 2\n", "time": 1732269000000, "filename": "/p/util.py"},
-    {"text": "RADIUS = 3.0\n", "time": 1732269001000, "filename": "/p/consts.py"},
-]
-
-
-def vscode_infill(prefix: str, suffix: str, prompt: str, nindent: int) -> dict:
-    """llama.vscode's /infill body, field for field (src/llama-server.ts createRequestPayload)."""
-    return {
-        "input_prefix": prefix,
-        "input_suffix": suffix,
-        "input_extra": CHUNKS,
-        "prompt": prompt,
-        "n_predict": 128,
-        "top_k": 40,
-        "top_p": 0.99,
-        "stream": False,
-        "samplers": ["top_k", "top_p", "infill"],
-        "cache_prompt": True,
-        "n_indent": nindent,
-        "t_max_prompt_ms": 500,
-        "t_max_predict_ms": 500,
-    }
-
-
-def vscode_warmup(prefix: str = "", suffix: str = "", prompt: str = "") -> dict:
-    """llama.vscode's cache warm-up (createRequestPayload with noPredict)."""
-    return {
-        "input_prefix": prefix,
-        "input_suffix": suffix,
-        "input_extra": CHUNKS,
-        "prompt": prompt,
-        "n_predict": 0,
-        "samplers": [],
-        "cache_prompt": True,
-        "t_max_prompt_ms": 500,
-        "t_max_predict_ms": 1,
-    }
-
-
-@pytest.fixture(scope="module")
-def fim_server(registry):
-    """codeserve serving the FIM model by default, as an editor's completion server runs."""
-    live = LiveServer(make_settings(model=FIM_MODEL), registry).start()
-    yield live
-    live.stop()
-
-
-@pytest.fixture()
-def fim(fim_server):
-    with httpx.Client(base_url=fim_server.url, timeout=120) as c:
-        yield c
-
-
-def sse_events(client: httpx.Client, path: str, body: dict) -> list[dict]:
-    """The `data:` payloads of a native stream, asserting llama-server's framing (no [DONE])."""
-    with client.stream("POST", path, json=body) as r:
-        assert r.status_code == 200, r.read()
-        assert r.headers["content-type"].startswith("text/event-stream")
-        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
-    assert lines and all(ln != "data: [DONE]" for ln in lines)
-    return [json.loads(ln.removeprefix("data: ")) for ln in lines]
-
-
-def assert_llama_error(r: httpx.Response, status: int, contains: str = "") -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"code", "message", "type"}, err
-    assert err["code"] == status and err["message"] and err["type"]
-    assert contains in err["message"], err
-    return err
-
-
-# -- /infill: llama.vscode and llama.vim -----------------------------------------------------
-
-
-def test_llama_vscode_infill_request(fim):
-    r = fim.post("/infill", json=vscode_infill(PREFIX, SUFFIX, "return", 4))
-    assert r.status_code == 200, r.text
-    out = r.json()
-    assert isinstance(out["content"], str) and out["stop"] is True
-    assert out["model"] == FIM_MODEL
-    assert out["stop_type"] in ("eos", "limit", "word")
-    # The body samples (top_k 40, top_p 0.99): an end token first (p ~ 0.008 here) is an answer.
-    assert 0 < out["tokens_predicted"] <= 128 or (out["stop_type"], out["content"]) == ("eos", "")
-    assert out["tokens_evaluated"] > 10
-    assert out["tokens_cached"] == out["tokens_evaluated"] + out["tokens_predicted"]
-    assert out["truncated"] is False
-    t = out["timings"]
-    for k in ("prompt_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms"):
-        assert t[k] >= 0, k
-    assert t["predicted_n"] == out["tokens_predicted"]
-    settings = out["generation_settings"]
-    assert settings["samplers"] == ["top_k", "top_p"]  # "infill" is accepted, not applied
-    assert settings["top_k"] == 40 and settings["top_p"] == 0.99 and settings["n_indent"] == 4
-    # n_indent 4: no line after the first may start less indented than the cursor's line.
-    for line in out["content"].split("\n")[1:]:
-        if line.strip():
-            assert len(line) - len(line.lstrip(" \t")) >= 4, out["content"]
-
-
-def test_llama_vscode_warmup_returns_at_once(fim):
-    t0 = time.perf_counter()
-    r = fim.post("/infill", json=vscode_warmup())
-    assert r.status_code == 200, r.text
-    out = r.json()
-    assert out["content"] == "" and out["tokens_predicted"] == 0
-    assert out["stop"] is True and out["stop_type"] == "limit"
-    assert time.perf_counter() - t0 < 10
-
-
-def test_warmup_fills_the_cache(fim):
-    def cached(warm: bool) -> tuple[int, int]:
-        prefix = f"# session {uuid.uuid4().hex}\n" + "x = 1\n" * 60 + PREFIX
-        if warm:
-            fim.post("/infill", json=vscode_warmup(prefix, SUFFIX)).raise_for_status()
-        # n_indent 0: a choice a line rule ends cannot report the engine's cache figures.
-        body = {**vscode_infill(prefix, SUFFIX, "", 0), "n_predict": 1}
-        out = fim.post("/infill", json=body).json()
-        return out["timings"]["cache_n"], out["tokens_evaluated"]
-
-    cold, total = cached(warm=False)
-    assert cold < total // 2
-    warm, total = cached(warm=True)
-    assert warm >= total - 2
-
-
-def test_prompt_goes_after_the_prefix(fim):
-    joined = fim.post("/infill", json={**vscode_infill(PREFIX + "ret", SUFFIX, "", 0)}).json()
-    split = fim.post("/infill", json={**vscode_infill(PREFIX, SUFFIX, "ret", 0)}).json()
-    assert split["tokens_evaluated"] == joined["tokens_evaluated"]
-    assert split["prompt"] == joined["prompt"]
-
-
-def test_llama_vim_warmup_with_response_fields(fim):
-    # llama.vim's warm-up: id_slot, temperature 0, response_fields [""].
-    body = {
-        "id_slot": 0,
-        "input_prefix": "",
-        "input_suffix": "",
-        "input_extra": [{"text": "a = 1\n", "filename": "a.py"}],
-        "prompt": "",
-        "n_predict": 0,
-        "temperature": 0.0,
-        "samplers": [],
-        "stream": False,
-        "cache_prompt": True,
-        "t_max_prompt_ms": 1,
-        "t_max_predict_ms": 1,
-        "response_fields": [""],
-    }
-    r = fim.post("/infill", json=body)
-    assert r.status_code == 200 and r.json() == {}
-    picked = fim.post(
-        "/infill",
-        json={**body, "n_predict": 2, "response_fields": ["content", "timings/predicted_n"]},
-    ).json()
-    assert set(picked) == {"content", "timings/predicted_n"}
-
-
-def test_several_candidates(fim):
-    body = {**vscode_infill(PREFIX, SUFFIX, "", 0), "n_cmpl": 2, "n_predict": 6, "seed": 7}
-    out = fim.post("/infill", json=body).json()
-    assert isinstance(out, list) and [o["index"] for o in out] == [0, 1]
-    assert all(o["stop"] for o in out)
-
-
-def test_infill_stream(fim):
-    body = {**vscode_infill(PREFIX, SUFFIX, "", 0), "stream": True, "n_predict": 12}
-    body["samplers"] = ["top_k"]  # top_k 40 without temperature: sampled; make it greedy
-    body["top_k"] = 1
-    del body["t_max_predict_ms"]  # a loaded machine could pass 500 ms in one run, not the other
-    events = sse_events(fim, "/infill", body)
-    assert events[-1]["stop"] is True and "timings" in events[-1]
-    assert all(e["stop"] is False for e in events[:-1])
-    whole = fim.post("/infill", json={**body, "stream": False}).json()
-    assert "".join(e["content"] for e in events) == whole["content"]
-
-
-def test_infill_on_a_model_without_fim_tokens(client):
-    r = client.post("/infill", json=vscode_infill(PREFIX, SUFFIX, "", 0))
-    assert_llama_error(r, 400, contains="fill-in-the-middle")
-
 
 # -- /completion: Continue, Tabby ------------------------------------------------------------
 
