@@ -75,8 +75,8 @@ class ServerSettings(StoreSettings):
     engine: Literal["auto", "simple", "batched"] = Field(
         "auto",
         description="batched: many sequences per llama_decode (concurrent streams, n > 1), each "
-        "may speculate with prompt lookup; simple: one sequence at a time, with prompt lookup or a "
-        "draft model; auto: simple for models with a draft model, batched for the others",
+        "may speculate with prompt lookup or the model's draft model; simple: one sequence at a "
+        "time, speculating the same ways; auto: batched",
     )
     slots: int = Field(8, ge=1, le=64, description="sequences the batched engine runs at once")
     prompt_cache_mb: int | None = Field(

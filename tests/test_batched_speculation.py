@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.speculative import derived_gguf
 from server.engine.base import (
     Delta,
     End,
@@ -25,6 +26,7 @@ from server.engine.base import (
     SamplingParams,
     Speculation,
 )
+from server.engine.batch_draft_model import ModelDrafts
 from server.engine.batch_drafts import Candidate, SequenceDrafts, plan_drafts
 from server.engine.batched import BatchedEngine
 from server.engine.costmodel import CostModel
@@ -64,14 +66,57 @@ def test_the_likeliest_copy_drafts_first_within_room_and_budget():
     assert plan_drafts(CHEAP, 1, 1, [Candidate(0.99, 0)], budget=511) == [0]
 
 
+def test_a_draft_models_cost_shortens_k_and_a_probe_drafts_its_own():
+    free = plan_drafts(CHEAP, 1, 1, [Candidate(0.8, 16)], budget=511)[0]
+    paid = plan_drafts(CHEAP, 1, 1, [Candidate(0.8, 16, draft=0.3)], budget=511)[0]
+    assert 0 < paid < free
+    assert plan_drafts(CHEAP, 1, 1, [Candidate(0.8, 16, draft=2.0)], budget=511) == [0]
+    assert plan_drafts(CHEAP, 1, 1, [Candidate(0.1, 16, draft=2.0, probe=2)], budget=511) == [2]
+    assert plan_drafts(CHEAP, 1, 1, [Candidate(0.1, 1, draft=2.0, probe=2)], budget=511) == [1]
+
+
+class FakeDraftModel:
+    """Proposes the next tokens of a fixed text, recording what it was asked."""
+
+    def __init__(self, text: list[int]) -> None:
+        self.text, self.asked = text, []
+
+    def propose(self, seq: int, history: list[int], k: int) -> list[int]:
+        self.asked.append((seq, list(history), k))
+        return self.text[len(history) : len(history) + k]
+
+
+def test_model_drafts_follow_the_text_back_off_and_probe():
+    fake = FakeDraftModel([7] * 200)  # always wrong: the text below counts up
+    cost = CostModel(0.01, CHEAP.verify, draft=0.3)
+    seq = ModelDrafts.start(fake, 3, cost, 8, [0, 1, 2])  # type: ignore[arg-type]
+    got = seq.candidate()
+    assert got is not None and got.probe == 0 and got.draft == 0.3  # the prior says it pays
+    kinds = []
+    for _ in range(60):
+        got = seq.candidate()
+        if got is None:
+            kinds.append("plain")
+            seq.settle([len(seq.history)])
+            continue
+        kinds.append("probe" if got.probe else "planned")
+        assert seq.propose(got.probe or 4) == [7] * (got.probe or 4)
+        seq.settle([len(seq.history)])  # every draft rejected: the target's own token only
+    assert "plain" in kinds and "probe" in kinds  # backed off, then probed now and then
+    assert kinds[-20:].count("plain") > 15  # probes back off while they keep failing
+    assert all(s == 3 for s, _, _ in fake.asked)
+    assert seq.history == list(range(len(seq.history)))  # prompt, then every emitted token
+    assert fake.asked[-1][1] == seq.history[: len(fake.asked[-1][1])]
+
+
 def test_sequence_drafts_copy_and_learn_from_what_was_kept():
     seq = SequenceDrafts.start(CHEAP, 8, [1, 2, 3, 4, 5, 6, 1, 2])
-    alpha = seq.candidate()
-    assert alpha is not None
+    proposal = seq.candidate()
+    assert proposal is not None and proposal.draft == 0.0  # copying costs no model pass
     assert seq.propose(3) == [3, 4, 5]  # what followed "1 2" before
     seq.settle([3, 4, 9])  # two drafts kept, then the target's own token
     rate = seq.rates.rate(2)
-    assert rate > alpha
+    assert rate > proposal.alpha
     assert seq.lookup.propose((0, 0), 12)[-3:] == [3, 4, 9]  # the index follows the output
     assert seq.candidate() is None  # "9" never occurred before: nothing to copy
     seq.settle([1])
@@ -87,13 +132,19 @@ def test_sequence_drafts_copy_and_learn_from_what_was_kept():
 
 
 @pytest.fixture(scope="module")
-def batched(model_path: Path) -> Iterator[LiveServer]:
+def batched(model_path: Path, tmp_path_factory) -> Iterator[LiveServer]:
+    q4_0 = derived_gguf(model_path, "Q4_0", tmp_path_factory.mktemp("drafts"))
     raw = tomllib.loads((REPO / "models.toml").read_text())
     smol = {"source": {"path": str(model_path)}, "n_ctx": 1024, "kv_cache": "q8_0"}
     raw["models"].update(
         {
             "lookup": {**smol, "speculative": "prompt_lookup", "draft_adaptive": False},
             "plain": {**smol},
+            "q4-draft": {**smol, "source": {"path": str(q4_0)}},
+            "with-q4": {**smol, "draft": "q4-draft", "draft_adaptive": False, "draft_max": 4},
+            "self-draft": {**smol},
+            "with-self": {**smol, "draft": "self-draft", "draft_adaptive": False},
+            "with-gemma": {**smol, "draft": "gemma3-270m"},
         }
     )
     live = LiveServer(make_settings(engine="auto"), parse_registry(raw, REPO / "models.toml"))
@@ -107,8 +158,10 @@ def http(batched: LiveServer) -> Iterator[httpx.Client]:
         yield c
 
 
-def complete(http: httpx.Client, prompt: str, mode: str | None, **extra) -> dict:
-    body = {"model": "lookup", "prompt": prompt, "max_tokens": 48, "temperature": 0}
+def complete(
+    http: httpx.Client, prompt: str, mode: str | None, model: str = "lookup", **extra
+) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": 48, "temperature": 0}
     r = http.post("/v1/completions", json={**body, "speculative": mode, **extra})
     assert r.status_code == 200, r.text
     return r.json()
@@ -124,7 +177,7 @@ def assert_greedy_match(plain: dict, tokens: list[str], finish: str | None = Non
         assert finish == plain["finish_reason"]
 
 
-def counters(http: httpx.Client) -> tuple[float, ...]:
+def counters(http: httpx.Client, model: str = "lookup") -> tuple[float, ...]:
     s = scrape(http)
     names = (
         "llamacpp:spec_decode_num_draft_tokens_total",
@@ -132,7 +185,7 @@ def counters(http: httpx.Client) -> tuple[float, ...]:
         "codeserve_decode_target_passes_total",
         "llamacpp:tokens_predicted_total",
     )
-    return tuple(value(s, n, model="lookup") for n in names)
+    return tuple(value(s, n, model=model) for n in names)
 
 
 def test_auto_serves_a_prompt_lookup_model_with_the_batched_engine(http):
@@ -259,9 +312,59 @@ def test_rolled_back_cells_leave_the_cache_exact_for_the_next_request(model_path
     assert warm == cold
 
 
-def test_a_draft_model_request_on_the_batched_engine_is_a_400(http):
+def test_a_draft_request_on_a_model_without_a_draft_model_is_a_400(http):
     r = http.post(
         "/v1/completions",
         json={"model": "lookup", "prompt": "x", "max_tokens": 4, "speculative": "draft"},
     )
-    assert_error(r, 400, param="speculative", contains="prompt lookup only")
+    assert_error(r, 400, param="speculative", contains="has no draft model")
+
+
+# -- a draft model in the batch -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["with-q4", "with-self"])
+def test_a_draft_model_drafts_in_the_batch_and_keeps_the_plain_greedy_text(http, model):
+    slots = http.get("/slots", params={"model": model})
+    assert slots.status_code == 200 and len(slots.json()) > 1  # "auto": the batched engine
+    before = counters(http, model)
+    for prompt in PROMPTS:
+        plain = complete(http, prompt, "off", model, logprobs=2)["choices"][0]
+        fast = complete(http, prompt, "draft", model, logprobs=1)["choices"][0]
+        assert_greedy_match(plain, fast["logprobs"]["tokens"], fast["finish_reason"])
+    drafted, accepted, passes, predicted = (
+        a - b for a, b in zip(counters(http, model), before, strict=True)
+    )
+    assert drafted >= accepted > 0 and passes < predicted
+    if model == "with-self":
+        # A model drafting for itself agrees with itself on nearly every token, which holds only
+        # if its sequence followed the target's text exactly (rejected cells dropped).
+        assert accepted >= 0.9 * drafted
+
+
+def test_eight_streams_drafting_with_a_model_match_their_plain_solo_runs(http):
+    prompts = [f"{PROMPTS[1]}# variant {i}\n" if i % 2 else f"def g{i}(x):\n" for i in range(8)]
+    alone = [complete(http, p, "off", "with-q4", logprobs=2)["choices"][0] for p in prompts]
+    before = counters(http, "with-q4")
+    with ThreadPoolExecutor(8) as pool:
+        together = list(
+            pool.map(
+                lambda p: complete(http, p, "draft", "with-q4", logprobs=1)["choices"][0],
+                prompts,
+            )
+        )
+    gaps = [
+        first_divergence_gap(a, t["logprobs"]["tokens"])
+        for a, t in zip(alone, together, strict=True)
+    ]
+    assert all(g is None or g < 0.3 for g in gaps), gaps
+    assert any(g is None for g in gaps), gaps
+    after = counters(http, "with-q4")
+    drafted, accepted = after[0] - before[0], after[1] - before[1]
+    assert drafted >= accepted > 0
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused_at_load(http):
+    r = http.post("/v1/completions", json={"model": "with-gemma", "prompt": "x", "max_tokens": 4})
+    err = assert_error(r, 503, contains="vocabularies differ")
+    assert "with-gemma" in err["message"] and "gemma3-270m" in err["message"]

@@ -41,13 +41,13 @@ class SequenceDrafts:
         drafts.lookup.begin(prompt)
         return drafts
 
-    def candidate(self) -> float | None:
-        """The acceptance rate of what lookup would propose next, or None: nothing to copy."""
+    def candidate(self) -> Proposal | None:
+        """What lookup would propose next (free to draft), or None: nothing to copy."""
         self._found = self.lookup.lookup()
         self._drafted = []
         if self._found is None:
             return None
-        return self.rates.rate(match_bucket(self._found[1]))
+        return Proposal(self.rates.rate(match_bucket(self._found[1])))
 
     def propose(self, k: int) -> list[int]:
         """The next k tokens of the copy found by :meth:`candidate` (fewer near the end)."""
@@ -79,9 +79,20 @@ class SequenceDrafts:
 
 
 @dataclass(frozen=True)
+class Proposal:
+    """What a sequence's drafter offers this step."""
+
+    alpha: float  # expected acceptance rate of each drafted token
+    draft: float = 0.0  # what proposing one token costs, in target steps (prompt lookup: 0)
+    probe: int = 0  # a K to try whatever the plan says (a draft model checking it still loses)
+
+
+@dataclass(frozen=True)
 class Candidate:
     alpha: float  # expected acceptance rate of each drafted token
     room: int  # most tokens it may draft (its K limit, completion budget, context, batch)
+    draft: float = 0.0  # cost of proposing one token, in target steps
+    probe: int = 0  # K to draft regardless of the plan (within room and budget)
 
 
 def plan_drafts(
@@ -92,20 +103,26 @@ def plan_drafts(
     expected output tokens per unit of cost.
 
     Candidates most likely to be right are placed first, each given the K that helps the batch
-    most after those placed before it (greedy; for a lone sequence it is the best K)."""
+    most after those placed before it (greedy; for a lone sequence it is the best K). A draft
+    model's proposals cost ``draft`` steps each on top of the step; a probe drafts its K."""
     ks = [0] * len(candidates)
-    n, expected = tokens, float(decoding)
+    n, expected, drafting = tokens, float(decoding), 0.0
     for i in sorted(range(len(candidates)), key=lambda i: -candidates[i].alpha):
         c = candidates[i]
-        best_k, best_rate = 0, expected / cost.verify_cost(n)
-        for k in range(1, min(c.room, budget) + 1):
-            gain = cost.expected_tokens(c.alpha, k) - 1.0
-            rate = (expected + gain) / cost.verify_cost(n + k)
-            if rate > best_rate:
-                best_k, best_rate = k, rate
+        most = min(c.room, budget)
+        best_k, best_rate = 0, expected / (cost.verify_cost(n) + drafting)
+        if c.probe:
+            best_k = min(c.probe, most)
+        else:
+            for k in range(1, most + 1):
+                gain = cost.expected_tokens(c.alpha, k) - 1.0
+                rate = (expected + gain) / (cost.verify_cost(n + k) + drafting + k * c.draft)
+                if rate > best_rate:
+                    best_k, best_rate = k, rate
         if best_k:
             ks[i] = best_k
             n += best_k
             budget -= best_k
+            drafting += best_k * c.draft
             expected += cost.expected_tokens(c.alpha, best_k) - 1.0
     return ks

@@ -1,5 +1,6 @@
 """The batched engine's speculation: which requests draft, the cost model of this context, and
-the drafted tokens each step adds to the batch (see :mod:`server.engine.batch_drafts`)."""
+the drafted tokens each step adds to the batch (see :mod:`server.engine.batch_drafts`; a draft
+model's proposals: :mod:`server.engine.batch_draft_model`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 from collections import deque
 
 from server.engine.base import GenerationRequest
+from server.engine.batch_draft_model import BatchDraftModel, ModelDrafts
 from server.engine.batch_drafts import Candidate, SequenceDrafts, plan_drafts
 from server.engine.batch_state import Choice, Slot
 from server.engine.binding import BatchContext
@@ -25,10 +27,17 @@ Entry = tuple[int, int, int, bool]  # token, position, sequence, wants logits
 
 
 class BatchSpeculation:
-    def __init__(self, model: Model, ctx: BatchContext, n_batch: int):
+    def __init__(
+        self,
+        model: Model,
+        ctx: BatchContext,
+        n_batch: int,
+        draft: BatchDraftModel | None = None,
+    ):
         self.model = model
         self._ctx = ctx
         self._n_batch = n_batch
+        self.draft = draft
         self.cost: CostModel | None = None  # measured at the first speculative request
         self._steps: dict[int, deque[float]] = {}
         self._observed = 0
@@ -40,17 +49,21 @@ class BatchSpeculation:
         request promises the text of plain sampling. Grammars, biases and penalties are fine:
         the sampler walks the verify rows as it would walk plain steps."""
         cfg = self.model.cfg
-        mode = req.speculation.mode or cfg.speculative_mode
-        if req.speculation.mode == "draft":
-            raise InvalidRequest(
-                f"model {cfg.name!r} is served by the batched engine, which drafts with prompt "
-                'lookup only: use speculative = "prompt_lookup", or serve it with --engine '
-                "simple to decode with its draft model",
-                param="speculative",
-            )
-        if mode != "prompt_lookup" or req.sampling.temperature != 0 or req.max_tokens <= 1:
+        mode = self._mode(req)
+        if mode == "off" or req.sampling.temperature != 0 or req.max_tokens <= 1:
             return 0
         return req.speculation.max_draft or cfg.draft_max
+
+    def _mode(self, req: GenerationRequest) -> str:
+        mode = req.speculation.mode or self.model.cfg.speculative_mode
+        if mode == "draft" and self.draft is None:
+            raise InvalidRequest(
+                f"model {self.model.cfg.name!r} has no draft model, so it cannot decode with "
+                'speculative = "draft"; name one in models.toml (draft = "NAME") or use '
+                '"prompt_lookup"',
+                param="speculative",
+            )
+        return mode
 
     def start(self, choice: Choice) -> None:
         """Give a new choice its drafter when its request speculates."""
@@ -58,7 +71,19 @@ class BatchSpeculation:
         k_max = self.limit(req)
         if k_max and self._calibrated(choice.slot):
             assert self.cost is not None
-            choice.drafts = SequenceDrafts.start(self.cost, k_max, req.prompt)
+            if self._mode(req) == "draft":
+                assert self.draft is not None
+                seq = choice.slot.seq_id
+                choice.drafts = ModelDrafts.start(
+                    self.draft,
+                    seq,
+                    self.cost,
+                    k_max,
+                    req.prompt,
+                    adaptive=self.model.cfg.draft_adaptive,
+                )
+            else:
+                choice.drafts = SequenceDrafts.start(self.cost, k_max, req.prompt)
 
     def _calibrated(self, slot: Slot) -> bool:
         """Measure once what a step over n tokens costs, in ``slot``'s sequence past its cached
@@ -75,8 +100,16 @@ class BatchSpeculation:
             self._ctx.decode([(filler, base + i, slot.seq_id, True) for i in range(n)])
             self._ctx.seq_rm(slot.seq_id, base, -1)
 
-        step, verify, _ = calibrate(decode, sizes)
-        self.cost = CostModel(step, verify)
+        extra = {}
+        if (draft := self.draft) is not None:  # a proposed token; tokens caught up in a batch
+            extra = {
+                "draft": lambda: draft.step_work(1),
+                "draft_batch": lambda: draft.step_work(32),
+            }
+        step, verify, per_token = calibrate(decode, sizes, extra=extra)
+        self.cost = CostModel(
+            step, verify, per_token.get("draft", 0.0), per_token.get("draft_batch", 0.0)
+        )
         log.info("%s: speculation cost model: %s", self.model.cfg.name, self.cost.describe())
         return True
 
@@ -103,13 +136,16 @@ class BatchSpeculation:
         candidates = []
         for c in drafting:
             assert c.drafts is not None
-            alpha = c.drafts.candidate()
+            got = c.drafts.candidate()
             room = min(
                 c.drafts.k_max,
                 c.group.req.max_tokens - c.completion - 1,
                 n_ctx - len(c.slot.tokens) - 2,
             )
-            candidates.append(Candidate(alpha or 0.0, room if alpha is not None else 0))
+            if got is None:
+                candidates.append(Candidate(0.0, 0))
+            else:
+                candidates.append(Candidate(got.alpha, room, got.draft, got.probe))
         budget = self._n_batch - len(entries)
         if self.model.cfg.draft_adaptive:
             ks = plan_drafts(self.cost, len(entries) + prefill, len(decoding), candidates, budget)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine.base import End, Event, EventSink, GenerationRequest
+from server.engine.batch_draft_model import ModelDrafts
 from server.engine.batch_drafts import SequenceDrafts
 from server.engine.text import TextReleaser
 
@@ -32,7 +33,8 @@ class Choice:
     last: int = -1  # token to feed next step
     completion: int = 0
     t_first: float | None = None
-    drafts: SequenceDrafts | None = None  # set when it decodes speculatively (greedy)
+    # Set when it decodes speculatively (greedy): prompt lookup, or the model's draft model.
+    drafts: SequenceDrafts | ModelDrafts | None = None
     drafted: int = 0
     accepted: int = 0
     passes: int = 0  # decode passes (each yields one token, more with accepted drafts)

@@ -12,7 +12,8 @@ events itself, gathered per step and handed over right before the next llama_dec
 per request: on 2 cores each thread woken per token steals time from llama.cpp's threads). A slot
 keeps its KV cache after its request for the next one sharing a prefix; which slot a prompt
 takes and which idle caches stay in the buffer is server.engine.slot_cache. Greedy sequences may
-speculate with prompt lookup inside the shared step (server.engine.batch_speculation). What a
+speculate inside the shared step, with prompt lookup or the model's draft model
+(server.engine.batch_speculation). What a
 choice does with its logits rows once a step computed them (pick, verify drafts, release text,
 finish) is server.engine.batch_choices.
 """
@@ -37,6 +38,7 @@ from server.engine.base import (
     pause_for_first_token,
 )
 from server.engine.batch_choices import ChoiceTokens
+from server.engine.batch_draft_model import BatchDraftModel
 from server.engine.batch_speculation import BatchSpeculation
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
@@ -52,7 +54,12 @@ log = logging.getLogger(__name__)
 
 class BatchedEngine:
     def __init__(
-        self, model: Model, slots: int = 8, prefill_chunk: int = 128, prompt_cache_mb: int = 0
+        self,
+        model: Model,
+        slots: int = 8,
+        prefill_chunk: int = 128,
+        prompt_cache_mb: int = 0,
+        draft: Model | None = None,
     ):
         import llama_cpp
 
@@ -80,15 +87,21 @@ class BatchedEngine:
                 f"{cfg.n_ctx} tokens each: {e}"
             ) from e
         self._n_vocab = model.n_vocab
+        self._draft = self._draft_model(draft, slots, threads) if draft is not None else None
         self._cpu = CpuShare(threads) if cfg.adapt_threads else None
         self.prompt_cache = PromptCache(prompt_cache_mb << 20)
+        cells = cfg.n_ctx * slots
+        # A draft model is part of this one: its file and cache count towards its memory.
         self.info = dataclasses.replace(
             model.info,
-            kv_cache_bytes=int(model.kv_bytes_per_token * cfg.n_ctx * slots),
+            size_bytes=model.info.size_bytes + (draft.info.size_bytes if draft else 0),
+            kv_cache_bytes=int(
+                (model.kv_bytes_per_token + (draft.kv_bytes_per_token if draft else 0)) * cells
+            ),
             prompt_cache_bytes=self.prompt_cache.max_bytes,
         )
-        self.kv_cells = cfg.n_ctx * slots
-        self._speculation = BatchSpeculation(model, self._ctx, self._n_batch)
+        self.kv_cells = cells
+        self._speculation = BatchSpeculation(model, self._ctx, self._n_batch, self._draft)
         self._choices = ChoiceTokens(self._ctx, model, self._speculation)
         self._slots = [Slot(i) for i in range(slots)]
         self._caches = SlotCaches(self._ctx, model, self._slots, self.prompt_cache, self._n_batch)
@@ -101,18 +114,33 @@ class BatchedEngine:
         self._thread = threading.Thread(target=self._loop, name=f"decode-{cfg.name}", daemon=True)
         self._thread.start()
         log.info(
-            "batched engine for %s: %d slots × %d tokens, prefill chunk %d",
+            "batched engine for %s: %d slots × %d tokens, prefill chunk %d, draft model %s",
             cfg.name,
             slots,
             cfg.n_ctx,
             prefill_chunk,
+            draft.cfg.name if draft else "none",
         )
-        if cfg.speculative_mode == "draft":
-            log.warning(
-                "%s: the batched engine speculates with prompt lookup only, so it decodes "
-                "without the draft model; serve with --engine simple (or auto) to use it",
-                cfg.name,
+
+    def _draft_model(self, draft: Model, slots: int, threads: int) -> BatchDraftModel:
+        cfg = self.model.cfg
+        try:
+            return BatchDraftModel.load(
+                self.model,
+                draft,
+                n_seq=slots,
+                n_batch=self._n_batch,
+                threads=draft.cfg.n_threads or threads,
             )
+        except ValueError as e:
+            self._ctx.close()
+            raise ModelUnavailable(
+                f"model {cfg.name!r}: llama.cpp could not create a context for its draft model "
+                f"{draft.cfg.name!r}: {e}"
+            ) from e
+        except ModelUnavailable:
+            self._ctx.close()
+            raise
 
     # -- the vocabulary is the model's ----------------------------------------------------------
 
@@ -168,6 +196,8 @@ class BatchedEngine:
             g.end(ModelUnavailable(f"model {self.model.cfg.name!r} was unloaded"))
         self._flush()
         self._ctx.close()
+        if self._draft is not None:
+            self._draft.close()
         self.model.close()
 
     # -- the decode loop ----------------------------------------------------------------------
@@ -263,6 +293,8 @@ class BatchedEngine:
                     entries.append((prompt[-1], len(prompt) - 1, c.slot.seq_id, True))
         prefill = min(sum(len(g.pending) for g in live), self._prefill_chunk)
         first_draft = len(entries)
+        if self._draft is not None:  # its passes release the GIL as the step does: send first
+            self._flush()
         drafts = self._speculation.add_drafts(decoding, entries, prefill if entries else 0)
         budget = self._n_batch - len(entries)
         if len(entries) > 0:

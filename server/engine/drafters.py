@@ -108,11 +108,10 @@ class PromptLookup:
         return self._tokens[start : start + k]
 
 
-def vocab_fingerprint(llm: Any) -> tuple[int, str]:
-    """(vocabulary size, sha256 over every token's text and the BOS/EOS ids)."""
+def vocab_fingerprint(vocab: Any) -> tuple[int, str]:
+    """(vocabulary size, sha256 over every token's text and the BOS/EOS ids) of a vocab pointer."""
     import llama_cpp
 
-    vocab = binding.vocab_ptr(binding.weights_of(llm))
     n = llama_cpp.llama_vocab_n_tokens(vocab)
     h = hashlib.sha256()
     for t in range(n):
@@ -120,6 +119,10 @@ def vocab_fingerprint(llm: Any) -> tuple[int, str]:
         h.update(b"\0")
     h.update(f"{llama_cpp.llama_vocab_bos(vocab)},{llama_cpp.llama_vocab_eos(vocab)}".encode())
     return n, h.hexdigest()
+
+
+def _llm_vocab(llm: Any) -> Any:
+    return binding.vocab_ptr(binding.weights_of(llm))
 
 
 def check_same_vocabulary(
@@ -136,9 +139,14 @@ def check_same_vocabulary(
             f"{draft_path}: {e}"
         ) from e
     try:
-        mine, theirs = vocab_fingerprint(target_llm), vocab_fingerprint(probe)
+        refuse_other_vocabulary(target_name, _llm_vocab(target_llm), draft_name, _llm_vocab(probe))
     finally:
         probe.close()
+
+
+def refuse_other_vocabulary(target_name: str, target: Any, draft_name: str, draft: Any) -> None:
+    """ModelUnavailable unless two vocab pointers hold the same tokens."""
+    mine, theirs = vocab_fingerprint(target), vocab_fingerprint(draft)
     if mine != theirs:
         raise ModelUnavailable(
             f"model {target_name!r} cannot use {draft_name!r} as its draft: the vocabularies "

@@ -15,11 +15,9 @@ EngineChoice = Literal["auto", "simple", "batched"]
 
 
 def uses_batched(choice: EngineChoice, cfg: ModelConfig) -> bool:
-    # The batched engine speculates with prompt lookup per sequence; a draft model runs only in
-    # the simple engine (one sequence at a time), so a model that names one keeps that engine.
-    if choice == "auto":
-        return cfg.speculative_mode != "draft"
-    return choice == "batched"
+    # The batched engine speculates per sequence, with prompt lookup or a draft model, so "auto"
+    # needs the simple engine for nothing.
+    return choice in ("auto", "batched")
 
 
 def make_engine_factory(
@@ -39,12 +37,23 @@ def make_engine_factory(
 
             before = list_devices()
             model = Model.load(path, cfg)
+            draft: Model | None = None
             try:
+                if kwargs.get("draft") is not None:
+                    draft_path, draft_cfg = kwargs["draft"]
+                    sized = draft_cfg.model_copy(update={"n_ctx": cfg.n_ctx})  # as many cells as it
+                    draft = Model.load(draft_path, sized)
                 engine = BatchedEngine(
-                    model, slots=slots, prefill_chunk=prefill_chunk, prompt_cache_mb=prompt_cache_mb
+                    model,
+                    slots=slots,
+                    prefill_chunk=prefill_chunk,
+                    prompt_cache_mb=prompt_cache_mb,
+                    draft=draft,
                 )
             except BaseException:
                 model.close()
+                if draft is not None:
+                    draft.close()
                 raise
             report_load(
                 cfg.name,
