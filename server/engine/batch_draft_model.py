@@ -21,6 +21,7 @@ from server.engine.binding import BatchContext
 from server.engine.costmodel import AdaptiveK, CostModel
 from server.engine.drafters import DraftModel, refuse_other_vocabulary
 from server.engine.model import Model
+from server.engine.sampling import common_prefix
 
 KEY = "draft"  # one acceptance rate per sequence: a draft model's confidence is not bucketed
 
@@ -55,10 +56,10 @@ class BatchDraftModel:
     def propose(self, seq: int, history: Sequence[int], k: int) -> list[int]:
         """k greedy tokens after ``history`` (the verified text, the pending token last)."""
         held = self._held[seq]
-        n = 0
         limit = min(len(held), len(history) - 1)  # history's last token is evaluated for logits
-        while n < limit and held[n] == history[n]:
-            n += 1
+        # Mostly the whole of it (the verified text grew by what was accepted): compared in C.
+        n = limit if held[:limit] == list(history[:limit]) else common_prefix(held, history)
+        n = min(n, limit)
         if n < len(held):
             self._ctx.seq_rm(seq, n, -1)
             del held[n:]
