@@ -1,15 +1,18 @@
 """Prompt-lookup speculation in the default (batched) engine: one stream and eight at once.
 
     python -m bench.batched_speculation [--rounds 3] [--prompts 6] [--targets Q4_1,F16]
-                                        [--kv q8_0] [--json PATH]
+                                        [--kv q8_0] [--draft Q4_0] [--json PATH]
 
 Each target (the default model and its F16 rebuild, see bench.speculative.derived_gguf) is
 loaded once in codeserve's ``BatchedEngine`` with 8 slots, in this process, and driven through
-the engine contract (``submit`` with an event sink), greedy. Modes ``off`` and ``lookup`` are
-interleaved per prompt and round, so load drifts hit both alike.
+the engine contract (``submit`` with an event sink), greedy. Modes ``off`` and ``prompt_lookup``
+(and ``draft``, with ``--draft``: a build of the default model as the draft model) are interleaved
+per prompt and round, so load drifts hit all of them alike.
 
 * one stream: each prompt alone (``rewrite``: code whose answer copies its prompt;
-  ``humaneval``: completions from scratch): decode tokens/s and its ratio to ``off``;
+  ``humaneval``: completions from scratch): decode tokens/s and its ratio to ``off``, per round
+  over the workload's prompts (median and worst round) and for the worst single pair of
+  requests; tokens per target pass and mean K, as ``bench.speculative`` reports them;
 * eight streams: eight prompts submitted together (half rewrites, half HumanEval): aggregate
   tokens/s (completion tokens over the wall time of the whole batch) and its ratio to ``off``.
 
@@ -29,14 +32,18 @@ from pathlib import Path
 from bench.speculative import Prompt, derived_gguf, workloads
 
 
-def _engine(path: Path, kv: str):
+def _engine(path: Path, kv: str, draft: Path | None = None):
     from server.engine.batched import BatchedEngine
     from server.engine.model import Model
     from server.registry import parse_registry
 
-    models = {"t": {"source": {"path": str(path)}, "n_ctx": 2048, "kv_cache": kv}}
+    models: dict = {"t": {"source": {"path": str(path)}, "n_ctx": 2048, "kv_cache": kv}}
+    if draft is not None:
+        models["d"] = {"source": {"path": str(draft)}, "n_ctx": 2048, "kv_cache": kv}
+        models["t"]["draft"] = "d"
     reg = parse_registry({"default_model": "t", "models": models}, Path("bench.toml"))
-    return BatchedEngine(Model.load(path, reg.models["t"]), slots=8)
+    drafter = Model.load(draft, reg.models["d"]) if draft is not None else None
+    return BatchedEngine(Model.load(path, reg.models["t"]), slots=8, draft=drafter)
 
 
 def _submit(engine, prompt: list[int], p: Prompt, mode: str, done: queue.Queue) -> None:
@@ -82,57 +89,78 @@ def _run(engine, batch: list[tuple[list[int], Prompt]], mode: str) -> tuple[list
     return results, max(r["t_end"] for r in results) - t0
 
 
-def bench_target(path: Path, kv: str, rounds: int, n: int) -> dict:
-    engine = _engine(path, kv)
+def bench_target(path: Path, kv: str, rounds: int, n: int, draft: Path | None = None) -> dict:
+    engine = _engine(path, kv, draft)
+    modes = ["off", "prompt_lookup"] + (["draft"] if draft is not None else [])
+    fast = modes[1:]
     prompts = workloads(n, lambda s: len(engine.tokenize(s, add_bos=False)))
     ids = [engine.tokenize(p.text, add_bos=True) for p in prompts]
     pairs = list(zip(ids, prompts, strict=True))
-    for mode in ("off", "prompt_lookup"):  # warm-up; the first speculative request calibrates
+    for mode in modes:  # warm-up; the first speculative request calibrates
         _run(engine, pairs[:1], mode)
     rewrites = [x for x in pairs if x[1].workload == "rewrite"]
     others = [x for x in pairs if x[1].workload != "rewrite"]
     eight = (rewrites[:4] + others[:4])[:8]
     single: dict[tuple[str, str], list[dict]] = {}
-    ratios: dict[str, list[float]] = {}
-    multi: dict[str, list[float]] = {"off": [], "prompt_lookup": []}
-    same = {"single": [0, 0], "eight": [0, 0]}
+    by_round: dict[tuple[str, str, int], list[dict]] = {}  # (workload, mode, round) -> runs
+    # per mode, prompt and round: a request against its plain twin
+    pair_ratios: dict[tuple[str, str], list[float]] = {}
+    multi: dict[str, list[float]] = {m: [] for m in modes}
+    same = {f"{k} {m}": [0, 0] for m in fast for k in ("single", "eight")}
     for r in range(rounds):
         for i, pair in enumerate(pairs):
-            order = ("off", "prompt_lookup") if (r + i) % 2 == 0 else ("prompt_lookup", "off")
+            shift = (r + i) % len(modes)  # the order of modes rotates per prompt and round
             outs = {}
-            for mode in order:
+            for mode in modes[shift:] + modes[:shift]:
                 (res,), _ = _run(engine, [pair], mode)
                 single.setdefault((pair[1].workload, mode), []).append(res)
+                by_round.setdefault((pair[1].workload, mode, r), []).append(res)
                 outs[mode] = res
-            same["single"][0] += outs["off"]["tokens"] == outs["prompt_lookup"]["tokens"]
-            same["single"][1] += 1
-            tps = {m: _decode_tps([o]) for m, o in outs.items()}
-            ratios.setdefault(pair[1].workload, []).append(tps["prompt_lookup"] / tps["off"])
-        order = ("off", "prompt_lookup") if r % 2 == 0 else ("prompt_lookup", "off")
+            for m in fast:
+                same[f"single {m}"][0] += outs["off"]["tokens"] == outs[m]["tokens"]
+                same[f"single {m}"][1] += 1
+                ratio = _decode_tps([outs[m]]) / _decode_tps([outs["off"]])
+                pair_ratios.setdefault((pair[1].workload, m), []).append(ratio)
+        shift = r % len(modes)
         texts = {}
-        for mode in order:
+        for mode in modes[shift:] + modes[:shift]:
             results, wall = _run(engine, eight, mode)
             multi[mode].append(sum(x["timings"].completion_tokens for x in results) / wall)
             texts[mode] = [x["tokens"] for x in results]
-        for a, b in zip(texts["off"], texts["prompt_lookup"], strict=True):
-            same["eight"][0] += a == b
-            same["eight"][1] += 1
+        for m in fast:
+            for a, b in zip(texts["off"], texts[m], strict=True):
+                same[f"eight {m}"][0] += a == b
+                same[f"eight {m}"][1] += 1
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr)
     cost = engine._speculation.cost
     engine.close()
+    # A round's ratio is over all of a workload's prompts in it (their tokens over their decode
+    # time); the worst single pair of requests is noisier (±15% between identical runs here).
+    ratios = {
+        (w, m): [
+            _decode_tps(by_round[(w, m, r)]) / _decode_tps(by_round[(w, "off", r)])
+            for r in range(rounds)
+        ]
+        for w, m in pair_ratios
+    }
     rows = []
     for (workload, mode), runs in single.items():
         drafted = sum(x["timings"].drafted for x in runs)
         accepted = sum(x["timings"].accepted for x in runs)
+        passes = sum(x["timings"].target_passes for x in runs)
         rows.append(
             {
                 "streams": 1,
                 "workload": workload,
                 "mode": mode,
                 "tps": _decode_tps(runs),
-                "ratio": statistics.median(ratios[workload]) if mode != "off" else 1.0,
-                "ratio_min": min(ratios[workload]) if mode != "off" else 1.0,
+                "ratio": statistics.median(ratios[workload, mode]) if mode != "off" else 1.0,
+                "ratio_min": min(ratios[workload, mode]) if mode != "off" else 1.0,
+                "worst_pair": min(pair_ratios[workload, mode]) if mode != "off" else 1.0,
                 "acceptance": accepted / drafted if drafted else None,
+                # The simple engine's bench (bench.speculative) reports the same two figures.
+                "tokens_per_pass": sum(x["timings"].completion_tokens for x in runs) / passes,
+                "mean_k": drafted / passes,
             }
         )
     for mode, tps in multi.items():
@@ -146,7 +174,10 @@ def bench_target(path: Path, kv: str, rounds: int, n: int) -> dict:
                 "tps": statistics.median(tps),
                 "ratio": statistics.median(per_round),
                 "ratio_min": min(per_round),
+                "worst_pair": None,
                 "acceptance": None,
+                "tokens_per_pass": None,
+                "mean_k": None,
             }
         )
     return {
@@ -171,14 +202,18 @@ def markdown(rep: dict) -> str:
         out.append(f"- cost model: {t['cost']}")
         out.append(f"- greedy identity with off: {t['identical']}\n")
         out.append(
-            "| streams | workload | mode | tok/s | × off (median) | × off (worst round) "
-            "| acceptance |\n|---|---|---|---|---|---|---|"
+            "| streams | workload | mode | tok/s | × off (median round) | × off (worst round) "
+            "| worst pair | acceptance | tok/pass | mean K |\n"
+            "|---|---|---|---|---|---|---|---|---|---|"
         )
         for r in t["rows"]:
             acc = f"{r['acceptance']:.0%}" if r["acceptance"] is not None else "-"
+            tpp = f"{r['tokens_per_pass']:.2f}" if r["tokens_per_pass"] else "-"
+            k = f"{r['mean_k']:.1f}" if r["mean_k"] is not None else "-"
+            pair = f"{r['worst_pair']:.2f}" if r["worst_pair"] is not None else "-"
             out.append(
                 f"| {r['streams']} | {r['workload']} | {r['mode']} | {r['tps']:.1f} "
-                f"| {r['ratio']:.2f} | {r['ratio_min']:.2f} | {acc} |"
+                f"| {r['ratio']:.2f} | {r['ratio_min']:.2f} | {pair} | {acc} | {tpp} | {k} |"
             )
     return "\n".join(out)
 
@@ -189,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=6, help="prompts per workload")
     ap.add_argument("--targets", default="Q4_1,F16", help="the default model's file and builds")
     ap.add_argument("--kv", default="q8_0", choices=["f16", "q8_0", "q4_0"])
+    ap.add_argument(
+        "--draft", help='also run mode "draft" with this build of the default model as the draft'
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -196,10 +234,11 @@ def main(argv: list[str] | None = None) -> None:
 
     base = registry_target().path
     rep: dict = {"rounds": args.rounds, "prompts": args.prompts, "targets": []}
+    draft = derived_gguf(base, args.draft) if args.draft else None
     for q in (q for q in args.targets.split(",") if q):
         path = derived_gguf(base, q)
         print(f"target {path.name}", file=sys.stderr)
-        rep["targets"].append(bench_target(path, args.kv, args.rounds, args.prompts))
+        rep["targets"].append(bench_target(path, args.kv, args.rounds, args.prompts, draft))
         print(markdown({"targets": rep["targets"][-1:]}), flush=True)
         if args.json:
             args.json.write_text(json.dumps(rep, indent=2, default=str))
