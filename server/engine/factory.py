@@ -1,4 +1,4 @@
-"""Which engine serves a model: the server-wide `engine` setting, decided per model for "auto"."""
+"""Which engine serves a model: the server-wide `engine` setting ("auto": the batched engine)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,6 @@ log = logging.getLogger(__name__)
 EngineChoice = Literal["auto", "simple", "batched"]
 
 
-def uses_batched(choice: EngineChoice, cfg: ModelConfig) -> bool:
-    # The batched engine speculates per sequence, with prompt lookup or a draft model, so "auto"
-    # needs the simple engine for nothing.
-    return choice in ("auto", "batched")
-
-
 def make_engine_factory(
     choice: EngineChoice, slots: int, prefill_chunk: int, prompt_cache_mb: int = 0
 ) -> Any:
@@ -28,7 +22,9 @@ def make_engine_factory(
             from server.engine.embedding import EmbeddingEngine
 
             return EmbeddingEngine(path, cfg, slots=slots)
-        if uses_batched(choice, cfg):
+        # "auto" is the batched engine: it speculates per sequence, with prompt lookup or the
+        # model's draft model, so no model needs the simple one.
+        if choice != "simple":
             import llama_cpp
 
             from server.engine.batched import BatchedEngine
