@@ -1,8 +1,7 @@
 """The batched engine on the real model: many streams in one llama_decode, n choices, isolation.
 
-The session server runs the batched engine ("auto" picks it for a model that does not
-speculate); these tests drive it with concurrent clients and check each stream against the same
-request served alone.
+The session server runs the batched engine (what "auto" picks); these tests drive it with
+concurrent clients and check each stream against the same request served alone.
 """
 
 from __future__ import annotations
