@@ -12,7 +12,7 @@ the cost model charges: ``draft`` target steps per proposed token.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from server.engine.base import ggml_kv_type
@@ -118,7 +118,7 @@ class ModelDrafts:
         *,
         adaptive: bool = True,
     ) -> ModelDrafts:
-        return cls(draft, seq, AdaptiveK(cost, _prior), k_max, list(prompt), adaptive)
+        return cls(draft, seq, AdaptiveK(cost, DraftModel.prior), k_max, list(prompt), adaptive)
 
     def candidate(self) -> Proposal | None:
         """What drafting now promises: the acceptance rate, and the K a probe must try (0: the
@@ -144,7 +144,3 @@ class ModelDrafts:
 
     def extend(self, tokens: Sequence[int]) -> None:
         self.history.extend(tokens)
-
-
-def _prior(key: Hashable) -> float:
-    return DraftModel.prior(key)

@@ -13,9 +13,8 @@ per request: on 2 cores each thread woken per token steals time from llama.cpp's
 keeps its KV cache after its request for the next one sharing a prefix; which slot a prompt
 takes and which idle caches stay in the buffer is server.engine.slot_cache. Greedy sequences may
 speculate inside the shared step, with prompt lookup or the model's draft model
-(server.engine.batch_speculation). What a
-choice does with its logits rows once a step computed them (pick, verify drafts, release text,
-finish) is server.engine.batch_choices.
+(server.engine.batch_speculation). What a choice does with its logits rows once a step computed
+them (pick, verify drafts, release text, finish) is server.engine.batch_choices.
 """
 
 from __future__ import annotations

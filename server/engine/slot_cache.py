@@ -88,7 +88,7 @@ class SlotCaches:
             primary = min(free, key=lambda s: (bool(s.tokens), s.released))
         if not cold:
             primary = self._restore_if_better(primary, free, prompt)
-        held, reuse = plans[primary] if primary in plans else (primary.tokens, reuse_plan(primary))
+        held, reuse = plans[primary]
         if primary.tokens is not held:  # a saved state was restored into it
             reuse = reuse_plan(primary)
         filler = max(self._model.info.bos_id or 0, 0)
