@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
         default=0,
         metavar="N",
         help="contended variant: run N busy-loop processes through the whole measurement, the "
-        "same load for every peer",
+        "same load for every peer; measures single-stream figures and 1 and 8 streams only",
     )
     b.add_argument("--out", type=Path, help=f"results directory (default {RESULTS})")
     b.set_defaults(func=cmd_suite)
@@ -84,10 +84,12 @@ def cmd_suite(args: argparse.Namespace) -> None:
         if args.peers
         else (["codeserve", "raw"] if args.quick else _available_peers(binary))
     )
-    plan = Plan.quick() if args.quick else Plan()
+    plan = Plan.contended(args.contend) if args.contend else Plan()
+    if args.quick:
+        plan = Plan.quick()
+    plan.contention = args.contend
     if args.rounds:
         plan.rounds = args.rounds
-    plan.contention = args.contend
     variants: dict[str, dict] = {}
     if not args.quick:
         kv_types = args.kv_types

@@ -47,6 +47,7 @@ class Plan:
     editor_file_tokens: int = 1300
     editor_tokens: int = 16
     editor_visits: int | None = None  # only the first N visits (None: every round's)
+    editor_trace: bool = True
     round_robin_laps: int = 4  # laps over the short autocomplete/FIM prompts
 
     @classmethod
@@ -65,6 +66,20 @@ class Plan:
             editor_file_tokens=120,
             editor_tokens=1,
             editor_visits=6,  # each file once, then one return
+            round_robin_laps=2,
+        )
+
+    @classmethod
+    def contended(cls, processes: int) -> Plan:
+        """The figures a busy machine changes most (one stream's decode and first tokens, 1 and
+        8 streams) under `processes` busy loops. The whole suite does not fit: peers with fixed
+        threads stall at every barrier a busy core holds, so each workload takes minutes."""
+        return cls(
+            rounds=2,
+            contention=processes,
+            concurrency=(1, 8),
+            candidates=0,
+            editor_trace=False,
             round_robin_laps=2,
         )
 
@@ -90,7 +105,7 @@ def run_suite(
     raw = RawLlama(t) if "raw" in peers else None
     res = Results()
     problems = workloads.humaneval()[: plan.humaneval_problems]
-    editor_peers = [p for p in http_peers if p in EDITOR_PEERS]
+    editor_peers = [p for p in http_peers if p in EDITOR_PEERS] if plan.editor_trace else []
     steps = plan.rounds * (len(peers) + len(plan.concurrency) * len(http_peers))
     visits = min(plan.editor_rounds * 5, plan.editor_visits or plan.editor_rounds * 5)
     steps += visits * len(editor_peers) + plan.round_robin_laps * len(http_peers)
@@ -194,7 +209,7 @@ def _single_stream(run, peer: str, plan: Plan, problems, res: Results, count, r:
 
 def _candidates(url: str | None, model: str, plan: Plan) -> dict:
     """n candidates for one HumanEval prompt: one request with n vs n sequential requests."""
-    if url is None:
+    if url is None or plan.candidates == 0:
         return {}
     body = {
         "model": model,
