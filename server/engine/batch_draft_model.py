@@ -2,18 +2,20 @@
 
 Draft sequence ``i`` follows the text that slot ``i`` of the target holds, lazily: before it
 proposes, it keeps the longest prefix it shares with the request's verified text (its prompt, what
-was emitted, and the token the target evaluates next), evaluates the rest in one batch, then
-decodes greedily, one token a pass. Rejected proposals need no undo: the next proposal's common
-prefix drops them. A slot reused for a prompt sharing a prefix reuses the draft's cells too.
+was emitted, and the token the target evaluates next), evaluates the rest, then decodes greedily,
+one token a pass. Rejected proposals need no undo: the next proposal's common prefix drops them.
+A slot reused for a prompt sharing a prefix reuses the draft's cells too.
 
-Each sequence drafts in its own passes (they are not batched across sequences), which is what
-the cost model charges: ``draft`` target steps per proposed token.
+The sequences drafting in a step draft together: one batch catches all of them up, then each
+pass proposes the next token of every sequence still drafting, as the target steps its
+sequences (``CostModel.draft_pass``: a pass for eight costs far less than eight passes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from server.engine.base import ggml_kv_type
 from server.engine.batch_drafts import Proposal
@@ -24,6 +26,8 @@ from server.engine.model import Model
 from server.engine.sampling import common_prefix
 
 KEY = "draft"  # one acceptance rate per sequence: a draft model's confidence is not bucketed
+PASS_SIZES = (1, 2, 3, 5, 8)  # sequences per draft pass timed for the cost model
+Entry = tuple[int, int, int, bool]  # token, position, sequence, wants logits
 
 
 class BatchDraftModel:
@@ -53,40 +57,63 @@ class BatchDraftModel:
         )
         return cls(draft, ctx, n_seq, n_batch)
 
-    def propose(self, seq: int, history: Sequence[int], k: int) -> list[int]:
-        """k greedy tokens after ``history`` (the verified text, the pending token last)."""
-        held = self._held[seq]
-        limit = min(len(held), len(history) - 1)  # history's last token is evaluated for logits
-        # Mostly the whole of it (the verified text grew by what was accepted): compared in C.
-        n = limit if held[:limit] == list(history[:limit]) else common_prefix(held, history)
-        n = min(n, limit)
-        if n < len(held):
-            self._ctx.seq_rm(seq, n, -1)
-            del held[n:]
-        for start in range(n, len(history), self._n_batch):
-            chunk = history[start : start + self._n_batch]
-            last = start + len(chunk) == len(history)
-            self._ctx.decode(
-                [(t, start + i, seq, last and i == len(chunk) - 1) for i, t in enumerate(chunk)]
-            )
-            held.extend(chunk)
-        out: list[int] = []
-        row = (len(history) - 1 - n) % self._n_batch  # history's last token in its batch
-        for i in range(k):
-            out.append(int(self._ctx.logits(row, self._n_vocab).argmax()))
-            if i < k - 1:  # the last proposal needs no logits of its own
-                self._ctx.decode([(out[-1], len(held), seq, True)])
-                held.append(out[-1])
-                row = 0
+    def propose(self, jobs: Sequence[tuple[int, Sequence[int], int]]) -> list[list[int]]:
+        """k greedy tokens after ``history`` (the verified text, the pending token last) for each
+        (sequence, history, k), all sequences in the same passes."""
+        catch_up: list[Entry] = []
+        last: dict[int, int] = {}  # job -> index in catch_up of its history's last token
+        for j, (seq, history, _) in enumerate(jobs):
+            held = self._held[seq]
+            limit = min(len(held), len(history) - 1)  # history's last token is evaluated for logits
+            # Mostly the whole of it (the verified text grew by what was accepted): compared in C.
+            n = limit if held[:limit] == list(history[:limit]) else common_prefix(held, history)
+            n = min(n, limit)
+            if n < len(held):
+                self._ctx.seq_rm(seq, n, -1)
+                del held[n:]
+            catch_up.extend((t, n + i, seq, False) for i, t in enumerate(history[n:]))
+            held.extend(history[n:])
+            last[j] = len(catch_up) - 1
+            tok, pos, _, _ = catch_up[-1]
+            catch_up[-1] = (tok, pos, seq, True)
+        out: list[list[int]] = [[] for _ in jobs]
+        rows = {i: j for j, i in last.items()}
+        for start in range(0, len(catch_up), self._n_batch):
+            self._ctx.decode(catch_up[start : start + self._n_batch])
+            for i in range(start, min(start + self._n_batch, len(catch_up))):
+                if i in rows:
+                    out[rows[i]].append(self._argmax(i - start))
+        for depth in range(1, max((k for _, _, k in jobs), default=0)):
+            going = [j for j, (_, _, k) in enumerate(jobs) if k > depth]
+            passes: list[Entry] = []
+            for j in going:
+                seq = jobs[j][0]
+                passes.append((out[j][-1], len(self._held[seq]), seq, True))
+                self._held[seq].append(out[j][-1])
+            self._ctx.decode(passes)
+            for row, j in enumerate(going):
+                out[j].append(self._argmax(row))
         return out
 
-    def step_work(self, n: int) -> float:
-        """Calibration: one pass over n tokens in the scratch sequence, then undone."""
+    def _argmax(self, row: int) -> int:
+        return int(self._ctx.logits(row, self._n_vocab).argmax())
+
+    def timed_work(self, n_seq: int) -> dict[str, Callable[[], float]]:
+        """Calibration work for ``costmodel.calibrate``: a pass proposing for m sequences (per
+        pass), and the draft catching up inside a 32-token batch (per token)."""
+        work: dict[str, Callable[[], float]] = {
+            f"pass{m}": partial(self._scratch_pass, m, 1.0) for m in PASS_SIZES if m <= n_seq
+        }
+        work["draft_batch"] = partial(self._scratch_pass, 32, 32.0)
+        return work
+
+    def _scratch_pass(self, n: int, worth: float) -> float:
+        """One pass over n tokens in the scratch sequence, then undone; returns ``worth``."""
         s = self._ctx.scratch_seq
         filler = max(self.model.info.bos_id or 0, 0)
         self._ctx.decode([(filler, i, s, i == n - 1) for i in range(n)])
         self._ctx.seq_rm(s, -1, -1)
-        return float(n)
+        return worth
 
     def close(self) -> None:
         self._ctx.close()
@@ -125,15 +152,20 @@ class ModelDrafts:
         batch's plan decides); None when it neither pays nor is due a probe."""
         self._drafted = []
         if not self.adaptive:
-            return Proposal(self.rates.rate(KEY), self.rates.cost.draft)
+            return Proposal(self.rates.rate(KEY), model=True)
         k, self._probe = self.rates.choose(KEY, self.k_max, probe=True)
         if k == 0:
             return None
-        return Proposal(self.rates.rate(KEY), self.rates.cost.draft, k if self._probe else 0)
+        return Proposal(self.rates.rate(KEY), model=True, probe=k if self._probe else 0)
 
-    def propose(self, k: int) -> list[int]:
-        self._drafted = self.draft.propose(self.seq, self.history, k) if k > 0 else []
-        return self._drafted
+    def job(self, k: int) -> tuple[int, Sequence[int], int]:
+        """What to ask the draft model for k proposals (``BatchDraftModel.propose``)."""
+        return self.seq, self.history, k
+
+    def proposed(self, tokens: list[int]) -> list[int]:
+        """The draft model's answer to :meth:`job`, kept to be settled."""
+        self._drafted = tokens
+        return tokens
 
     def settle(self, emitted: Sequence[int]) -> None:
         if self._drafted and emitted:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from server.engine.costmodel import AdaptiveK, CostModel
 from server.engine.drafters import PromptLookup, match_bucket
 
+_PLAN_ROUNDS = 3  # plans made while the draft passes' sharing they assume and give differ
+
 
 @dataclass
 class SequenceDrafts:
@@ -83,7 +85,7 @@ class Proposal:
     """What a sequence's drafter offers this step."""
 
     alpha: float  # expected acceptance rate of each drafted token
-    draft: float = 0.0  # what proposing one token costs, in target steps (prompt lookup: 0)
+    model: bool = False  # proposed by the draft model (prompt lookup: copied, free)
     probe: int = 0  # a K to try whatever the plan says (a draft model checking it still loses)
 
 
@@ -91,7 +93,7 @@ class Proposal:
 class Candidate:
     alpha: float  # expected acceptance rate of each drafted token
     room: int  # most tokens it may draft (its K limit, completion budget, context, batch)
-    draft: float = 0.0  # cost of proposing one token, in target steps
+    model: bool = False  # proposed by the draft model, in passes shared with the others
     probe: int = 0  # K to draft regardless of the plan (within room and budget)
 
 
@@ -103,26 +105,62 @@ def plan_drafts(
     expected output tokens per unit of cost.
 
     Candidates most likely to be right are placed first, each given the K that helps the batch
-    most after those placed before it (greedy; for a lone sequence it is the best K). A draft
-    model's proposals cost ``draft`` steps each on top of the step; a probe drafts its K."""
+    most after those placed before it (greedy; for a lone sequence it is the best K); a probe
+    drafts its K. The draft model proposes the j-th token of every sequence drafting that far in
+    one pass (``cost.draft_pass``), so each of those tokens costs its share of that pass. Shares
+    depend on who drafts: the plan is made assuming every draft-model candidate drafts, then
+    made again with the sharing it gave, until the two agree (a few rounds at most).
+    """
+    models = sum(c.model for c in candidates)
+    room = max((c.room for c in candidates if c.model), default=0)
+    sharing = [models] * room  # draft-model sequences assumed to share each depth's pass
+    ks: list[int] = []
+    for _ in range(_PLAN_ROUNDS if models else 1):
+        share = [cost.draft_pass(m) / m for m in sharing]
+        ks = _place(cost, tokens, decoding, candidates, budget, share)
+        depth = [0] * room
+        for c, k in zip(candidates, ks, strict=True):
+            for j in range(k if c.model else 0):
+                depth[j] += 1
+        seen = [max(d, 1) for d in depth]
+        if seen == sharing:
+            break
+        sharing = seen
+    return ks
+
+
+def _place(
+    cost: CostModel,
+    tokens: int,
+    decoding: int,
+    candidates: list[Candidate],
+    budget: int,
+    share: list[float],
+) -> list[int]:
+    """The greedy placement, a draft-model token at depth j costing ``share[j]`` steps."""
     ks = [0] * len(candidates)
     n, expected, drafting = tokens, float(decoding), 0.0
     for i in sorted(range(len(candidates)), key=lambda i: -candidates[i].alpha):
         c = candidates[i]
         most = min(c.room, budget)
-        best_k, best_rate = 0, expected / (cost.verify_cost(n) + drafting)
-        if c.probe:
-            best_k = min(c.probe, most)
-        else:
-            for k in range(1, most + 1):
-                gain = cost.expected_tokens(c.alpha, k) - 1.0
-                rate = (expected + gain) / (cost.verify_cost(n + k) + drafting + k * c.draft)
-                if rate > best_rate:
-                    best_k, best_rate = k, rate
+        best_k, best_rate, best_cost = 0, expected / (cost.verify_cost(n) + drafting), 0.0
+        extra = 0.0  # what drafting k tokens costs in draft passes
+        for k in range(1, most + 1):
+            if c.model:
+                extra += share[k - 1]
+            if c.probe:
+                if k == min(c.probe, most):
+                    best_k, best_cost = k, extra
+                    break
+                continue
+            gain = cost.expected_tokens(c.alpha, k) - 1.0
+            rate = (expected + gain) / (cost.verify_cost(n + k) + drafting + extra)
+            if rate > best_rate:
+                best_k, best_rate, best_cost = k, rate, extra
         if best_k:
             ks[i] = best_k
             n += best_k
             budget -= best_k
-            drafting += best_k * c.draft
+            drafting += best_cost
             expected += cost.expected_tokens(c.alpha, best_k) - 1.0
     return ks

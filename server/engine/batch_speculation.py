@@ -12,7 +12,7 @@ from server.engine.batch_draft_model import BatchDraftModel, ModelDrafts
 from server.engine.batch_drafts import Candidate, SequenceDrafts, plan_drafts
 from server.engine.batch_state import Choice, Slot
 from server.engine.binding import BatchContext
-from server.engine.costmodel import CostModel, calibrate, refit
+from server.engine.costmodel import CostModel, calibrate, never_cheaper, refit
 from server.engine.model import Model
 from server.errors import InvalidRequest
 
@@ -100,15 +100,16 @@ class BatchSpeculation:
             self._ctx.decode([(filler, base + i, slot.seq_id, True) for i in range(n)])
             self._ctx.seq_rm(slot.seq_id, base, -1)
 
-        extra = {}
-        if (draft := self.draft) is not None:  # a proposed token; tokens caught up in a batch
-            extra = {
-                "draft": lambda: draft.step_work(1),
-                "draft_batch": lambda: draft.step_work(32),
-            }
-        step, verify, per_token = calibrate(decode, sizes, extra=extra)
+        n_seq = self._ctx.scratch_seq  # the slots: sequences that may draft together
+        extra = self.draft.timed_work(n_seq) if self.draft is not None else {}
+        step, verify, drafts = calibrate(decode, sizes, extra=extra)
+        passes = {int(name[4:]): c for name, c in drafts.items() if name.startswith("pass")}
         self.cost = CostModel(
-            step, verify, per_token.get("draft", 0.0), per_token.get("draft_batch", 0.0)
+            step,
+            verify,
+            draft=passes.get(1, 0.0),
+            draft_batch=drafts.get("draft_batch", 0.0),
+            draft_passes=never_cheaper(passes) if passes else {},
         )
         log.info("%s: speculation cost model: %s", self.model.cfg.name, self.cost.describe())
         return True
@@ -145,7 +146,7 @@ class BatchSpeculation:
             if got is None:
                 candidates.append(Candidate(0.0, 0))
             else:
-                candidates.append(Candidate(got.alpha, room, got.draft, got.probe))
+                candidates.append(Candidate(got.alpha, room, got.model, got.probe))
         budget = self._n_batch - len(entries)
         if self.model.cfg.draft_adaptive:
             ks = plan_drafts(self.cost, len(entries) + prefill, len(decoding), candidates, budget)
@@ -155,12 +156,30 @@ class BatchSpeculation:
                 ks.append(max(0, min(cand.room, budget)))
                 budget -= ks[-1]
         out: dict[Choice, list[int]] = {}
-        for c, k in zip(drafting, ks, strict=True):
-            assert c.drafts is not None
-            drafts = c.drafts.propose(k) if k > 0 else []
+        for c, drafts in self._propose(drafting, ks).items():
             if not drafts:
                 continue
             pos = len(c.slot.tokens) + 1  # the pending token c.last goes at len(tokens)
             entries.extend((t, pos + i, c.slot.seq_id, True) for i, t in enumerate(drafts))
             out[c] = drafts
+        return out
+
+    def _propose(self, drafting: list[Choice], ks: list[int]) -> dict[Choice, list[int]]:
+        """Each choice's k drafts, in ``drafting``'s order: prompt lookup's copied, the draft
+        model's in passes shared by all the choices it drafts for."""
+        out: dict[Choice, list[int]] = {}
+        together: list[tuple[Choice, ModelDrafts, int]] = []
+        for c, k in zip(drafting, ks, strict=True):
+            if k == 0:
+                continue
+            if isinstance(c.drafts, ModelDrafts):
+                together.append((c, c.drafts, k))
+                out[c] = []  # filled below; keeps the order
+            elif c.drafts is not None:
+                out[c] = c.drafts.propose(k)
+        if together:
+            assert self.draft is not None
+            answers = self.draft.propose([d.job(k) for _, d, k in together])
+            for (c, d, _), tokens in zip(together, answers, strict=True):
+                out[c] = d.proposed(tokens)
         return out

@@ -10,7 +10,9 @@ rejection), one pass yields
 
 A draft model also reads the prompt and every token it did not propose itself, in batches
 (``draft_batch`` steps a token); that is paid once a request starts drafting, which is why a
-pair is only tried where it pays at a plausible acceptance rate.
+pair is only tried where it pays at a plausible acceptance rate. Where several sequences draft
+together (the batched engine), one draft pass proposes a token for each of them, at
+``draft_pass(m)`` steps for m sequences.
 
 ``verify`` is measured on the loaded model (see :func:`calibrate`), because it decides
 everything: on a GPU or with F16 weights a batch of 5 costs little more than one token, on a
@@ -26,7 +28,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +53,28 @@ class CostModel:
     verify: dict[int, float]  # batch size -> cost relative to one step (verify[1] == 1)
     draft: float = 0.0  # one draft token, decoded alone
     draft_batch: float = 0.0  # one draft token inside a batch (the draft catching up)
+    # sequences m -> one draft pass proposing a token for each of m sequences (measured sizes;
+    # empty: m passes of ``draft``)
+    draft_passes: dict[int, float] = field(default_factory=dict)
     _table: tuple[float, ...] = field(default=(), repr=False, compare=False)
+    _pass_table: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # best_k runs before every pass: interpolate once, not per call.
-        table = (0.0, *(self._interpolate(n) for n in range(1, _TABLE + 1)))
+        # best_k and plan_drafts run before every pass: interpolate once, not per call.
+        table = (0.0, *(_interpolate(self.verify, n) for n in range(1, _TABLE + 1)))
         object.__setattr__(self, "_table", table)
-
-    def _interpolate(self, n: int) -> float:
-        if n in self.verify:
-            return self.verify[n]
-        sizes = sorted(self.verify)
-        lo = max((s for s in sizes if s < n), default=sizes[0])
-        hi = min((s for s in sizes if s > n), default=None)
-        if hi is None:  # beyond the largest measured batch: extend its last slope
-            prev = max((s for s in sizes if s < lo), default=None)
-            slope = (self.verify[lo] - self.verify[prev]) / (lo - prev) if prev else 1.0
-            return self.verify[lo] + slope * (n - lo)
-        w = (n - lo) / (hi - lo)
-        return self.verify[lo] * (1 - w) + self.verify[hi] * w
+        passes = self.draft_passes or {1: self.draft}
+        pass_table = (0.0, *(_interpolate(passes, m) for m in range(1, _TABLE + 1)))
+        object.__setattr__(self, "_pass_table", pass_table)
 
     def verify_cost(self, n: int) -> float:
-        return self._table[n] if n <= _TABLE else self._interpolate(n)
+        return self._table[n] if n <= _TABLE else _interpolate(self.verify, n)
+
+    def draft_pass(self, m: int) -> float:
+        """One draft-model pass proposing a token for each of m sequences, in target steps."""
+        if m <= _TABLE:
+            return self._pass_table[m]
+        return _interpolate(self.draft_passes or {1: self.draft}, m)
 
     def expected_tokens(self, alpha: float, k: int) -> float:
         if alpha >= 1.0 - 1e-9:
@@ -101,10 +103,28 @@ class CostModel:
 
     def describe(self) -> str:
         v = " ".join(f"{n}:{c:.2f}" for n, c in sorted(self.verify.items()))
+        passes = " ".join(f"{m}:{c:.2f}" for m, c in sorted(self.draft_passes.items()))
         return (
             f"step {self.step_s * 1e3:.1f} ms, verify(n)/step {v}, draft/step {self.draft:.2f} "
-            f"(in a batch {self.draft_batch:.2f})"
+            f"(in a batch {self.draft_batch:.2f}"
+            + (f"; a pass for m sequences {passes})" if passes else ")")
         )
+
+
+def _interpolate(costs: Mapping[int, float], n: int) -> float:
+    """The cost at size n from costs measured at some sizes: linear between two of them,
+    beyond the largest along the last slope (through the origin from a single one)."""
+    if n in costs:
+        return costs[n]
+    sizes = sorted(costs)
+    lo = max((s for s in sizes if s < n), default=sizes[0])
+    hi = min((s for s in sizes if s > n), default=None)
+    if hi is None:  # beyond the largest measured size: extend its last slope
+        prev = max((s for s in sizes if s < lo), default=None)
+        slope = (costs[lo] - costs[prev]) / (lo - prev) if prev else costs[lo] / lo
+        return costs[lo] + slope * (n - lo)
+    w = (n - lo) / (hi - lo)
+    return costs[lo] * (1 - w) + costs[hi] * w
 
 
 def calibrate(
@@ -137,14 +157,15 @@ def calibrate(
             extra_runs[name].append((time.perf_counter() - t0) / tokens)
     seconds = {n: statistics.median(r) for n, r in runs.items()}
     step = seconds[1]
-    rel = _never_cheaper({n: seconds[n] / step for n in sizes})
+    rel = never_cheaper({n: seconds[n] / step for n in sizes})
     return step, rel, {name: statistics.median(r) / step for name, r in extra_runs.items()}
 
 
-def _never_cheaper(rel: Mapping[int, float]) -> dict[int, float]:
+def never_cheaper(rel: Mapping[int, float]) -> dict[int, float]:
     """Costs per batch size, each raised to the largest of the smaller sizes': a batch never
-    costs less than a smaller one, whatever noise in the timings says."""
-    out, floor = {}, 1.0
+    costs less than a smaller one, whatever noise in the timings says. (Verify costs include
+    size 1 at 1.0, so no batch costs less than a step.)"""
+    out, floor = {}, 0.0
     for n in sorted(rel):
         floor = max(floor, rel[n])
         out[n] = floor
@@ -162,7 +183,7 @@ def refit(cost: CostModel, steps: Mapping[int, Sequence[float]], min_seen: int =
     for n, times in steps.items():
         if n > 1 and len(times) >= min_seen:
             rel[n] = statistics.median(times) / step
-    return CostModel(step, _never_cheaper(rel), cost.draft, cost.draft_batch)
+    return replace(cost, step_s=step, verify=never_cheaper(rel))
 
 
 @dataclass
