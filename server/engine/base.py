@@ -257,7 +257,7 @@ class Engine(Protocol):
     def cache_stats(self) -> CacheStats: ...
 
     def cpu_threads(self) -> int:
-        """CPU threads llama.cpp runs a one-token step with now (fewer than configured while
+        """CPU threads llama.cpp runs a decode step with now (fewer than configured while
         other processes keep the cores busy: server.engine.cpu_share)."""
         ...
 

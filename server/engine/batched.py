@@ -41,7 +41,7 @@ from server.engine.batch_draft_model import BatchDraftModel
 from server.engine.batch_speculation import BatchSpeculation
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
-from server.engine.cpu_share import CpuShare
+from server.engine.cpu_share import SMALL_STEP, CpuShare
 from server.engine.model import Model
 from server.engine.prompt_cache import PromptCache
 from server.engine.sampling import sampler_chain
@@ -346,14 +346,14 @@ class BatchedEngine:
         if self._cpu is None or (n := self._cpu.threads()) == self._ctx.threads:
             return
         log.info(
-            "%s: %d (one token) and %d (batches) of %d threads: other processes keep %.1f cores "
-            "busy",
+            "%s: %d (steps) and %d (prompt batches) of %d threads: other processes keep %.1f "
+            "cores busy",
             self.model.cfg.name,
             *n,
             self._cpu.configured,
             self._cpu.others or 0.0,
         )
-        self._ctx.set_threads(n)
+        self._ctx.set_threads(n, SMALL_STEP)
 
     def _prompt_ready(self, g: Group, index: int) -> None:
         """The prompt is in the primary's KV cache: copy it to the other choices and sample."""

@@ -141,14 +141,22 @@ class BatchContext:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._n_batch = n_batch
         self.threads = (threads, threads)
+        self._small_step = 1
+        self._applied = self.threads
 
-    def set_threads(self, threads: tuple[int, int]) -> None:
-        """CPU threads for the next decodes: (one-token batches, batches of several tokens)."""
-        self._lib.llama_set_n_threads(self.ptr, *threads)
+    def set_threads(self, threads: tuple[int, int], small_step: int = 1) -> None:
+        """CPU threads for the next decodes: (steps of up to ``small_step`` tokens, larger
+        batches). llama.cpp itself tells only one token from several."""
         self.threads = threads
+        self._small_step = small_step
 
     def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
         """One llama_decode over (token, position, sequence, wants logits) entries."""
+        small, large = self.threads
+        threads = (small, small if len(entries) <= self._small_step else large)
+        if threads != self._applied:
+            self._lib.llama_set_n_threads(self.ptr, *threads)
+            self._applied = threads
         b = self._batch
         b.n_tokens = len(entries)
         for i, (tok, pos, seq, logits) in enumerate(entries):

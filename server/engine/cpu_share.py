@@ -24,12 +24,16 @@ from dataclasses import dataclass
 INTERVAL = 0.25
 _SMOOTHING = 0.5
 # A thread fits while the others leave at least (threads - fit) cores; coming back takes
-# HYSTERESIS more, so a load near the line does not flip the count every reading. Measured on 2
-# cores, a one-token decode with 2 threads is slower than with 1 once others keep about 0.4 of a
-# core busy, a prompt batch (more work between barriers) only from about 0.9 of a core.
-FIT_TOKEN = 0.4
-FIT_BATCH = 0.9
-HYSTERESIS = 0.2
+# HYSTERESIS more, so a load near the line does not flip the count every reading. The lines are
+# in what this class reads, which is less than the others would take on their own: they share
+# the cores with our threads (a busy loop beside 2 of ours reads as 0.74-0.77 of a core).
+# Measured on 2 cores (bench/results/2026-11-23-threads-by-step.md): a decode step of up to
+# SMALL_STEP tokens (one stream, or eight streams with drafts) runs slower with 2 threads than
+# with 1 from a reading of about 0.3, a prompt batch (more work between barriers) from about 0.5.
+FIT_TOKEN = 0.3
+FIT_BATCH = 0.5
+HYSTERESIS = 0.1
+SMALL_STEP = 32
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ class CpuShare:
         self._resting = True
 
     def threads(self) -> tuple[int, int]:
-        """(threads for a one-token step, threads for a step over several tokens)."""
+        """(threads for a step of up to SMALL_STEP tokens, threads for a larger batch)."""
         if self._last is None or self.configured <= 1:
             return self.current
         now = self._clock()
