@@ -158,9 +158,14 @@ class CountingContext:
 
     scratch_seq = 8
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 2) -> None:
         self.passes: list[list[tuple[int, int, int, bool]]] = []
         self.removed: list[tuple[int, int]] = []
+        self.threads = (threads, threads)
+        self.small_step = 1
+
+    def set_threads(self, threads: tuple[int, int], small_step: int) -> None:
+        self.threads, self.small_step = threads, small_step
 
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         self.passes.append(list(entries))
@@ -174,8 +179,8 @@ class CountingContext:
         self.removed.append((seq, p0))
 
 
-def counting_draft(n_batch: int = 512) -> tuple[BatchDraftModel, CountingContext]:
-    ctx = CountingContext()
+def counting_draft(n_batch: int = 512, threads: int = 2) -> tuple[BatchDraftModel, CountingContext]:
+    ctx = CountingContext(threads)
     model = SimpleNamespace(n_vocab=1000)
     return BatchDraftModel(model, ctx, n_seq=8, n_batch=n_batch), ctx  # type: ignore[arg-type]
 
@@ -197,6 +202,15 @@ def test_sequences_draft_together_one_pass_per_token():
     assert draft.propose([(0, [10, 11, 12, 13, 40], 2)]) == [[41, 42]]
     assert ctx.removed == [(0, 4)]  # its cells of 14 and 15 dropped
     assert ctx.passes == [[(40, 4, 0, True)], [(41, 5, 0, True)]]
+
+
+def test_the_draft_follows_the_targets_threads_up_to_its_own():
+    draft, ctx = counting_draft()
+    draft.fit_threads((1, 2), 32)  # a busy machine: the target's steps run on one thread
+    assert ctx.threads == (1, 2) and ctx.small_step == 32
+    one, ctx = counting_draft(threads=1)  # a draft configured with one thread keeps one
+    one.fit_threads((2, 2), 32)
+    assert ctx.threads == (1, 1)
 
 
 def test_a_long_catch_up_is_split_into_batches():

@@ -37,6 +37,7 @@ class BatchDraftModel:
         self._n_batch = n_batch
         self._held: list[list[int]] = [[] for _ in range(n_seq)]  # what each sequence's cells hold
         self._n_vocab = model.n_vocab
+        self._configured = ctx.threads[0]
 
     @classmethod
     def load(
@@ -56,6 +57,12 @@ class BatchDraftModel:
             flash_attn=draft.cfg.flash_attn,
         )
         return cls(draft, ctx, n_seq, n_batch)
+
+    def fit_threads(self, threads: tuple[int, int], small_step: int) -> None:
+        """The target's thread counts under the current load (``cpu_share``), never more than
+        the draft was loaded with."""
+        most = self._configured
+        self._ctx.set_threads((min(threads[0], most), min(threads[1], most)), small_step)
 
     def propose(self, jobs: Sequence[tuple[int, Sequence[int], int]]) -> list[list[int]]:
         """k greedy tokens after ``history`` (the verified text, the pending token last) for each

@@ -354,6 +354,8 @@ class BatchedEngine:
             self._cpu.others or 0.0,
         )
         self._ctx.set_threads(n, SMALL_STEP)
+        if self._draft is not None:  # its passes meet the same barriers
+            self._draft.fit_threads(n, SMALL_STEP)
 
     def _prompt_ready(self, g: Group, index: int) -> None:
         """The prompt is in the primary's KV cache: copy it to the other choices and sample."""
