@@ -123,7 +123,7 @@ def plan_drafts(
             for j in range(k if c.model else 0):
                 depth[j] += 1
         seen = [max(d, 1) for d in depth]
-        if seen == sharing:
+        if seen == sharing or not any(depth):  # fewer sharers would not make anyone draft
             break
         sharing = seen
     return ks
