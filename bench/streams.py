@@ -41,7 +41,7 @@ def measure(
                 n = 2 * c
                 bodies = [
                     {"model": model, "prompt": p, "max_tokens": tokens, "temperature": 0}
-                    for p in workloads.generation_prompts(n, f"{peer}-{r}-{c}")
+                    for p in workloads.generation_prompts(n, f"{r}-{c}")
                 ]
                 out = client.concurrent_throughput(urls[peer], bodies, c, n, count)
                 runs[c][peer].append(out["tokens_per_s"])

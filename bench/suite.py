@@ -160,7 +160,7 @@ def run_suite(
                             "max_tokens": plan.concurrency_tokens,
                             "temperature": 0,
                         }
-                        for prompt in workloads.generation_prompts(n, f"{peer}-{r}-{c}")
+                        for prompt in workloads.generation_prompts(n, f"{r}-{c}")
                     ]
                     out = client.concurrent_throughput(urls[peer], bodies, c, n, generated)
                     res.concurrent.setdefault(peer, {}).setdefault(c, []).append(
