@@ -136,7 +136,9 @@ class ModelWorker:
             _log_request(self.name, label, job, finished, outcome)
             if self.metrics is not None:
                 ttft = token_times[0] - job.enqueued if token_times else None
-                gaps = (b - a for a, b in itertools.pairwise(token_times))
+                # A collected answer's text comes in one piece after the first: no token gaps.
+                streamed = not isinstance(job.request, GenerationRequest) or job.request.stream
+                gaps = (b - a for a, b in itertools.pairwise(token_times) if streamed)
                 self.metrics.record_generation(self.name, finished, ttft, gaps)
 
     def _start(self, job: Job) -> None:

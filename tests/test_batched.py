@@ -7,6 +7,7 @@ concurrent clients and check each stream against the same request served alone.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import threading
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from server.engine.base import Finished, GenerationRequest, SamplingParams
+from server.engine.base import Delta, Finished, GenerationRequest, SamplingParams
 from server.engine.batched import BatchedEngine
 from server.engine.model import Model
 from server.scheduler import ModelWorker
@@ -240,3 +241,38 @@ def test_clients_leaving_together_never_strand_a_slot(model_path, registry):
         assert all(f.reason in ("stop", "length") for f in finished), finished
     finally:
         worker.close()
+
+
+def test_a_collected_answer_comes_in_one_piece_after_its_first_token(model_path, registry):
+    """Nobody reads a non-streamed answer before it ends: after the first release (the time to
+    first token), a choice's text is handed over once, at its end, the same text and tokens a
+    stream delivers piece by piece."""
+    cfg = registry.models["smollm2-135m"].model_copy(update={"n_ctx": 512})
+    engine = BatchedEngine(Model.load(model_path, cfg), slots=4)
+    worker = ModelWorker("m", engine, queue_size=8, queue_timeout_s=20)
+    prompt = engine.tokenize("def fizzbuzz(n):\n", add_bos=True)
+    request = GenerationRequest(prompt, 40, sampling=SamplingParams(temperature=0), n=2, logprobs=1)
+
+    async def events(stream: bool) -> list:
+        return [e async for e in worker.stream(dataclasses.replace(request, stream=stream))]
+
+    def per_choice(evs: list) -> dict[int, list[Delta]]:
+        out: dict[int, list[Delta]] = {0: [], 1: []}
+        for e in evs:
+            if isinstance(e, Delta):
+                out[e.index].append(e)
+        return out
+
+    try:
+        streamed = per_choice(asyncio.run(events(True)))
+        collected = per_choice(asyncio.run(events(False)))
+    finally:
+        worker.close()
+
+    def joined(deltas: list[Delta]) -> tuple:
+        tokens = [t for d in deltas for t in d.token_ids]
+        return "".join(d.text for d in deltas), tokens, [lp for d in deltas for lp in d.logprobs]
+
+    for i in (0, 1):
+        assert len(streamed[i]) > 2 and len(collected[i]) == 2
+        assert joined(collected[i]) == joined(streamed[i])

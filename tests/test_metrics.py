@@ -49,9 +49,16 @@ def test_counters_move_by_a_known_request(client):
         delta("codeserve_requests_total", endpoint="/v1/completions", model="", status="400") == 1
     )
     assert delta("codeserve_time_to_first_token_seconds_count", model=model) == 1
-    # one gap between each pair of consecutive tokens that carried text
-    gaps = delta("codeserve_inter_token_latency_seconds_count", model=model)
+    # A collected answer's text comes in one piece after its first token: no gaps to time...
+    assert delta("codeserve_inter_token_latency_seconds_count", model=model) == 0
+    # ...a streamed one has one between each pair of consecutive tokens that carried text.
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        frames = [line for line in r.iter_lines() if line.startswith("data: {")]
+    gaps = value(scrape(client), "codeserve_inter_token_latency_seconds_count", model=model)
+    gaps -= value(after, "codeserve_inter_token_latency_seconds_count", model=model)
     assert 0 < gaps <= usage["completion_tokens"] - 1
+    assert len(frames) > 2
 
 
 def test_live_gauges(client):

@@ -117,6 +117,9 @@ class GenerationRequest:
     grammar: str | None = None  # GBNF (root rule "root") every choice must match
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); -inf bans the token
     ignore_eos: bool = False  # end-of-generation tokens are banned: run to max_tokens or a stop
+    # False: the caller reads the text only once the request ends (a collected answer), so the
+    # engine may hand over what follows the first release in one Delta at the end.
+    stream: bool = True
 
 
 @dataclass(frozen=True)

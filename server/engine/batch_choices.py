@@ -18,7 +18,7 @@ from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
 from server.engine.model import Model
 from server.engine.sampling import logprob_entry, plain_greedy, sampler_chain
-from server.engine.text import TextReleaser
+from server.engine.text import Released, TextReleaser
 
 
 class ChoiceTokens:
@@ -93,8 +93,12 @@ class ChoiceTokens:
         c.last = token
         lp = self._logprob(index, token, req.logprobs) if req.logprobs is not None else None
         out = c.releaser.push(token, self.model.piece(token), lp)
-        if out:
+        if c.held is not None:
+            c.held.extend(out)
+        elif out:
             g.send(Delta(c.index, out.text, tuple(out.token_ids), tuple(out.logprobs)))
+            if not req.stream:  # the first release told when the first token came; the rest waits
+                c.held = Released()
         if c.releaser.stopped:
             self.finish(c, "stop")
         elif c.completion >= req.max_tokens or (
@@ -115,7 +119,9 @@ class ChoiceTokens:
 
     def finish(self, c: Choice, reason: FinishReason) -> None:
         g = c.group
-        tail = c.releaser.finish() if reason != "cancelled" else None
+        tail = c.held or Released()
+        if reason != "cancelled":
+            tail.extend(c.releaser.finish())
         if tail:
             g.send(Delta(c.index, tail.text, tuple(tail.token_ids), tuple(tail.logprobs)))
         now = time.perf_counter()

@@ -10,7 +10,7 @@ from typing import Any
 from server.engine.base import End, Event, EventSink, GenerationRequest
 from server.engine.batch_draft_model import ModelDrafts
 from server.engine.batch_drafts import SequenceDrafts
-from server.engine.text import TextReleaser
+from server.engine.text import Released, TextReleaser
 
 
 @dataclass(eq=False)
@@ -38,6 +38,8 @@ class Choice:
     drafted: int = 0
     accepted: int = 0
     passes: int = 0  # decode passes (each yields one token, more with accepted drafts)
+    # A collected request's text after its first release, handed over when the choice ends.
+    held: Released | None = None
 
 
 @dataclass(eq=False)

@@ -24,6 +24,11 @@ class Released:
     def __bool__(self) -> bool:
         return bool(self.text or self.token_ids)
 
+    def extend(self, more: Released) -> None:
+        self.text += more.text
+        self.token_ids.extend(more.token_ids)
+        self.logprobs.extend(more.logprobs)
+
 
 @dataclass
 class _Pending:

@@ -45,6 +45,7 @@ async def generate(
     n = body.choices()
     max_tokens = completion_budget(engine.info.n_ctx, len(prompt), body.requested_tokens())
     bias = params.logit_bias(body, engine)
+    rules = params.line_rules(body)
     greq = GenerationRequest(
         prompt=prompt,
         max_tokens=max_tokens,
@@ -55,6 +56,8 @@ async def generate(
         grammar=params.constraint(body),
         logit_bias=bias,
         ignore_eos=body.ignore_eos,
+        # Line rules read the text as it comes, to end the generation early.
+        stream=body.stream or rules is not None,
     )
     answer = Answer(
         body=body,
@@ -69,7 +72,6 @@ async def generate(
     started = time.perf_counter()
     try:
         events = await relay.start(worker, greq, request, label)
-        rules = params.line_rules(body)
         if rules is not None:
             events = apply_line_rules(
                 events, rules, n=n, prompt_tokens=len(prompt), started=started

@@ -77,6 +77,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | None:
         sampling=opts.sampling,
         stop=opts.stop,
         logprobs=body.top_logprobs if body.logprobs else None,
+        stream=body.streaming,
     )
 
     def shape(

@@ -88,6 +88,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | None:
         sampling=opts.sampling,
         stop=opts.stop,
         logprobs=body.top_logprobs if body.logprobs else None,
+        stream=body.streaming,
     )
     # Ollama hands back the conversation as token ids, for the next request's `context`.
     keeps_context = not body.raw and not body.suffix

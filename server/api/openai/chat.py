@@ -120,6 +120,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         grammar=gbnf,
         logit_bias=constraints.logit_bias(body, info.n_vocab),
         ignore_eos=constraints.check_ignore_eos(body, gbnf),
+        stream=body.stream,
     )
     return await respond(worker, greq, request, body, label="chat", tools=plan)
 

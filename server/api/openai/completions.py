@@ -115,6 +115,7 @@ async def create_completion(
         grammar=gbnf,
         logit_bias=constraints.logit_bias(body, engine.info.n_vocab),
         ignore_eos=constraints.check_ignore_eos(body, gbnf),
+        stream=body.stream,
     )
     cid, created, model = new_id("cmpl"), now(), worker.name
     echo = prompt_text if body.echo else ""

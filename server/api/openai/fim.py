@@ -58,5 +58,6 @@ async def create_fim_completion(
         n=body.n,
         time_budget_s=params.time_budget(body),
         speculation=params.speculation(body),
+        stream=body.stream,
     )
     return await chat.respond(worker, greq, request, body, label="fim")

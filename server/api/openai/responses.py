@@ -185,6 +185,7 @@ async def create_response(
         time_budget_s=params.time_budget(body),
         speculation=params.speculation(body),
         grammar=plan.grammar,
+        stream=body.stream,
     )
     answer = Answer(body, tools, worker.name, conversation)
     try:
