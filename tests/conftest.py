@@ -102,6 +102,22 @@ def registry(model_path: Path) -> Registry:
     return parse_registry(raw, REPO / "models.toml")
 
 
+def batch_context(model, *, n_ctx: int, n_seq: int, n_batch: int = 256):
+    """The batched engine's context for a loaded ``Model``: q8_0 KV, flash attention, 2 threads."""
+    from server.engine.base import ggml_kv_type
+    from server.engine.binding import BatchContext
+
+    return BatchContext(
+        model.weights,
+        n_ctx=n_ctx,
+        n_seq=n_seq,
+        n_batch=n_batch,
+        threads=2,
+        kv_type=ggml_kv_type("q8_0"),
+        flash_attn=True,
+    )
+
+
 def make_settings(**overrides) -> ServerSettings:
     base = {"host": "127.0.0.1", "port": 0, "models_file": REPO / "models.toml"}
     return ServerSettings(**{**base, **overrides})

@@ -165,21 +165,12 @@ def test_decode_steps_run_with_the_step_count_and_prompt_batches_with_theirs(mod
     a decode step all the same, so the context sets the count it wants before each decode."""
     import llama_cpp
 
-    from server.engine.base import ggml_kv_type
-    from server.engine.binding import BatchContext
     from server.engine.cpu_share import SMALL_STEP
     from server.engine.model import Model
+    from tests.conftest import batch_context
 
     model = Model.load(model_path, registry.models["smollm2-135m"])
-    ctx = BatchContext(
-        model.weights,
-        n_ctx=2048,
-        n_seq=8,
-        n_batch=256,
-        threads=2,
-        kv_type=ggml_kv_type("q8_0"),
-        flash_attn=True,
-    )
+    ctx = batch_context(model, n_ctx=2048, n_seq=8)
     try:
         ctx.set_threads((1, 2), SMALL_STEP)
         ctx.decode([(1, 0, seq, True) for seq in range(8)])  # one token for each of 8 streams

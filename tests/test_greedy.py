@@ -8,10 +8,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from server.engine.base import GenerationRequest, SamplingParams, ggml_kv_type
-from server.engine.binding import BatchContext
+from server.engine.base import GenerationRequest, SamplingParams
 from server.engine.model import Model
 from server.engine.sampling import plain_greedy, sampler_chain
+from tests.conftest import batch_context
 
 GREEDY = GenerationRequest([1, 2], 8, sampling=SamplingParams(temperature=0))
 
@@ -40,15 +40,7 @@ def test_argmax_is_llama_cpps_greedy_pick(model_path, registry):
 
     cfg = registry.models["smollm2-135m"]
     model = Model.load(model_path, cfg)
-    ctx = BatchContext(
-        model.weights,
-        n_ctx=1024,
-        n_seq=1,
-        n_batch=256,
-        threads=2,
-        kv_type=ggml_kv_type("q8_0"),
-        flash_attn=True,
-    )
+    ctx = batch_context(model, n_ctx=1024, n_seq=1)
     try:
         for text in ("def quicksort(xs):\n", "import json\n\n", "The capital of France is"):
             prompt = model.tokenize(text, add_bos=True)
