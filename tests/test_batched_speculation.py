@@ -213,6 +213,13 @@ def test_the_draft_follows_the_targets_threads_up_to_its_own():
     assert ctx.threads == (1, 1)
 
 
+def test_calibration_times_a_draft_pass_for_each_number_of_sequences():
+    draft, _ = counting_draft()
+    measured = dict.fromkeys(draft.timed_work(n_seq=5), 0.1)
+    assert BatchDraftModel.pass_costs(measured) == {1: 0.1, 2: 0.1, 3: 0.1, 5: 0.1}
+    assert "draft_batch" in measured
+
+
 def test_a_long_catch_up_is_split_into_batches():
     draft, ctx = counting_draft(n_batch=4)
     assert draft.propose([(1, list(range(100, 106)), 2), (2, [7, 8, 9], 1)]) == [[106, 107], [10]]

@@ -13,7 +13,7 @@ sequences (``CostModel.draft_pass``: a pass for eight costs far less than eight 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,6 +27,7 @@ from server.engine.sampling import common_prefix
 
 KEY = "draft"  # one acceptance rate per sequence: a draft model's confidence is not bucketed
 PASS_SIZES = (1, 2, 3, 5, 8)  # sequences per draft pass timed for the cost model
+_PASS = "pass"  # calibration names: "pass3" is a draft pass for 3 sequences
 Entry = tuple[int, int, int, bool]  # token, position, sequence, wants logits
 
 
@@ -109,10 +110,19 @@ class BatchDraftModel:
         """Calibration work for ``costmodel.calibrate``: a pass proposing for m sequences (per
         pass), and the draft catching up inside a 32-token batch (per token)."""
         work: dict[str, Callable[[], float]] = {
-            f"pass{m}": partial(self._scratch_pass, m, 1.0) for m in PASS_SIZES if m <= n_seq
+            f"{_PASS}{m}": partial(self._scratch_pass, m, 1.0) for m in PASS_SIZES if m <= n_seq
         }
         work["draft_batch"] = partial(self._scratch_pass, 32, 32.0)
         return work
+
+    @staticmethod
+    def pass_costs(measured: Mapping[str, float]) -> dict[int, float]:
+        """:meth:`timed_work`'s passes as ``CostModel.draft_passes`` (sequences -> steps)."""
+        return {
+            int(name.removeprefix(_PASS)): cost
+            for name, cost in measured.items()
+            if name.startswith(_PASS)
+        }
 
     def _scratch_pass(self, n: int, worth: float) -> float:
         """One pass over n tokens in the scratch sequence, then undone; returns ``worth``."""

@@ -103,7 +103,7 @@ class BatchSpeculation:
         n_seq = self._ctx.scratch_seq  # the slots: sequences that may draft together
         extra = self.draft.timed_work(n_seq) if self.draft is not None else {}
         step, verify, drafts = calibrate(decode, sizes, extra=extra)
-        passes = {int(name[4:]): c for name, c in drafts.items() if name.startswith("pass")}
+        passes = BatchDraftModel.pass_costs(drafts)
         self.cost = CostModel(
             step,
             verify,
