@@ -9,7 +9,15 @@ import time
 
 import pytest
 
-from server.engine.cpu_share import INTERVAL, CpuShare, CpuTimes, affinity, parse_proc, read_proc
+from server.engine.cpu_share import (
+    INTERVAL,
+    STALE,
+    CpuShare,
+    CpuTimes,
+    affinity,
+    parse_proc,
+    read_proc,
+)
 
 
 class FakeMachine:
@@ -70,28 +78,71 @@ def test_prompt_batches_keep_their_threads_under_more_load_than_decode_steps():
     assert s.threads() == (2, 2)
 
 
-def test_work_after_a_rest_starts_with_every_thread_and_its_own_reading():
+def test_work_after_a_long_rest_starts_with_every_thread_and_its_own_reading():
     m = FakeMachine()
     s = share(m)
     assert settle(s, m, 2.0) == 1
     s.rest()
-    m.run(3.0, ours=0.0)  # another server decodes while this one waits
+    m.run(STALE, ours=0.0)
     m.others = 0.0
     assert s.threads() == (2, 2)
-    first_step(s, m)
-    assert settle(s, m, 0.0, readings=1) == 2  # the wait's load is not held against it
+    first_step(s, m, (2, 2))
+    assert settle(s, m, 0.0, readings=1) == 2
     s.rest()
     m.others = 2.0
+    m.run(STALE, ours=0.0)
     assert s.threads() == (2, 2)
-    first_step(s, m)
+    first_step(s, m, (2, 2))
     assert settle(s, m, 2.0, readings=1) == 1  # one reading of a real load is enough
 
 
-def first_step(s: CpuShare, m: FakeMachine) -> None:
+def test_a_pause_keeps_the_threads_a_load_took_but_its_own_load_is_not_read():
+    m = FakeMachine()
+    s = share(m)
+    assert settle(s, m, 1.0) == 1
+    s.rest()
+    m.others = 2.0
+    m.run(3.0, ours=0.0)  # another server decodes while this one waits
+    m.others = 0.0
+    assert s.threads() == (1, 1)  # the next first token does not wait for the busy core
+    first_step(s, m, (1, 1))
+    assert settle(s, m, 0.0, readings=1) == 2  # the wait's load is not held against it
+
+
+def test_a_short_rest_between_requests_leaves_the_reading_window_open():
+    m = FakeMachine()
+    reads = []
+    s = CpuShare(
+        2, frozenset({0, 1}), read=lambda c: reads.append(1) or m.read(c), clock=lambda: m.now
+    )
+    m.others = 1.0
+    for _ in range(8):
+        m.run(INTERVAL)
+        s.threads()
+    assert s.current == (1, 1)
+    before = len(reads)
+    for _ in range(10):  # requests of 30 ms, a client's 5 ms between them
+        s.rest()
+        m.run(0.005, ours=0.0)
+        assert s.threads() == (1, 1)
+        m.run(0.03)
+        s.threads()
+    assert len(reads) == before + 1  # one reading over the 350 ms, none at a request's start
+    m.others = 0.0
+    for _ in range(40):  # readings go on across the requests: the thread comes back
+        s.rest()
+        m.run(0.005, ours=0.0)
+        s.threads()
+        m.run(0.03)
+        s.threads()
+    assert s.current == (2, 2)
+
+
+def first_step(s: CpuShare, m: FakeMachine, threads: tuple[int, int]) -> None:
     """The step after the first one since a rest (10 ms later), which takes the reading the
     new work is measured from: the first reads nothing, it carries a first token."""
     m.run(0.01)
-    assert s.threads() == (2, 2)
+    assert s.threads() == threads
 
 
 def test_the_first_step_after_a_rest_reads_nothing():

@@ -34,6 +34,13 @@ FIT_TOKEN = 0.3
 FIT_BATCH = 0.5
 HYSTERESIS = 0.1
 SMALL_STEP = 32
+# A rest shorter than SHORT_REST (a client reading one answer and sending the next) leaves the
+# reading window open: nothing else fits in it. After a longer one the window starts again with
+# the work (in the bench, another server may have decoded meanwhile), but the thread counts from
+# before stand: a load that took a thread is rarely gone a few seconds later, and a first token
+# run with a thread the others hold waits at every barrier. After STALE they are forgotten.
+SHORT_REST = 0.02
+STALE = 30.0
 
 
 @dataclass(frozen=True)
@@ -110,27 +117,31 @@ class CpuShare:
         self._at = clock()
         self.others: float | None = None  # cores the other processes keep busy, smoothed
         self.current = (configured, configured)
-        self._resting = False
+        self._rested_at: float | None = None
         self._reading_due = False
 
     def rest(self) -> None:
-        """The engine has nothing to do: what others do meanwhile says little about the load
-        when work comes back (in the bench, another server decoding between our requests), so
-        the next work starts with every configured thread and a reading of its own."""
-        self._resting = True
+        """The engine has nothing to do. What others do meanwhile says little about the load
+        when work comes back (in the bench, another server decoding between our requests): a
+        rest longer than SHORT_REST is left out of the readings."""
+        if self._rested_at is None:
+            self._rested_at = self._clock()
 
     def threads(self) -> tuple[int, int]:
         """(threads for a step of up to SMALL_STEP tokens, threads for a larger batch)."""
         if self._last is None or self.configured <= 1:
             return self.current
         now = self._clock()
-        if self._resting:
-            # The first step after a rest carries a new request's first token: reading /proc
-            # (tenths of a millisecond) would delay it, so the reading the new work is measured
-            # from is taken at the next step instead.
-            self._resting, self._reading_due = False, True
-            self.others, self.current = None, (self.configured, self.configured)
-            return self.current
+        if self._rested_at is not None:
+            rested, self._rested_at = now - self._rested_at, None
+            if rested >= SHORT_REST:
+                # The first step after a rest carries a new request's first token: reading /proc
+                # (tenths of a millisecond) would delay it, so the reading the new work is
+                # measured from is taken at the next step instead.
+                self._reading_due, self.others = True, None
+                if rested >= STALE:
+                    self.current = (self.configured, self.configured)
+                return self.current
         if self._reading_due:
             self._reading_due = False
             self._last, self._at = self._read(self.cpus) or self._last, now
