@@ -124,7 +124,9 @@ def test_a_short_rest_between_requests_leaves_the_reading_window_open():
     for _ in range(10):  # requests of 30 ms, a client's 5 ms between them
         s.rest()
         m.run(0.005, ours=0.0)
+        n = len(reads)
         assert s.threads() == (1, 1)
+        assert len(reads) == n  # the first token waits for no reading
         m.run(0.03)
         s.threads()
     assert len(reads) == before + 1  # one reading over the 350 ms, none at a request's start

@@ -133,15 +133,14 @@ class CpuShare:
             return self.current
         now = self._clock()
         if self._rested_at is not None:
+            # The first step after a rest carries a new request's first token: reading /proc
+            # (tenths of a millisecond) would delay it, so any reading waits for the next step.
             rested, self._rested_at = now - self._rested_at, None
-            if rested >= SHORT_REST:
-                # The first step after a rest carries a new request's first token: reading /proc
-                # (tenths of a millisecond) would delay it, so the reading the new work is
-                # measured from is taken at the next step instead.
+            if rested >= SHORT_REST:  # the new work is measured from the next step
                 self._reading_due, self.others = True, None
                 if rested >= STALE:
                     self.current = (self.configured, self.configured)
-                return self.current
+            return self.current
         if self._reading_due:
             self._reading_due = False
             self._last, self._at = self._read(self.cpus) or self._last, now
