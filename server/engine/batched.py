@@ -50,6 +50,10 @@ from server.errors import InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
+# How long the engine rests before it packs a spread-out KV buffer (SlotCaches.pack): the last
+# answers are sent by then, and a request arriving while it packs waits a few milliseconds.
+PACK_AFTER_S = 0.05
+
 
 class BatchedEngine:
     def __init__(
@@ -204,13 +208,21 @@ class BatchedEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
+                pack = False
                 while not self._closed and not self._groups and not self._incoming:
                     if self._cpu is not None:
                         self._cpu.rest()
-                    self._wake.wait()
+                    if not self._caches.spread():
+                        self._wake.wait()
+                    elif not self._wake.wait(PACK_AFTER_S):
+                        pack = True  # idle a while (the last answers are out): not under the lock
+                        break
                 if self._closed:
                     self._flush()
                     return
+            if pack:
+                self._caches.pack()
+                continue
             try:
                 if self._incoming:  # starting one may evaluate or measure for a while
                     self._flush()
@@ -388,6 +400,7 @@ class BatchedEngine:
 
     def _release(self, g: Group) -> None:
         now = time.perf_counter()
+        self._caches.note_use()
         for slot in {c.slot for c in g.choices} | ({g.primary} if g.primary else set()):
             slot.busy = False
             slot.released = now

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 # Idle slots' KV caches stay in the buffer, most recently used first, while their cells fit in
 # this budget (see SlotCaches.forget_idle); the others go to the host-RAM prompt cache.
 IDLE_CELLS = 512
+# Packing the idle caches back to the start of the buffer (SlotCaches.pack) is worth its copies
+# once the cells it could free above them number at least this many and at least as many as they
+# hold (llama.cpp pads the attention span to 256 cells).
+PACK_SLACK = 256
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class SlotCaches:
         self.prompt_cache = prompt_cache
         self._n_batch = n_batch
         self._shift_cost = chunk_reuse.ShiftCost()
+        self._peak = 0  # the most cells the slots held at once since the buffer was last packed
 
     def place(self, prompt: list[int], free: list[Slot], *, cold: bool, budget: int) -> Placement:
         """Choose the slot for ``prompt`` among ``free`` and leave in it the cells it reuses.
@@ -139,6 +144,7 @@ class SlotCaches:
         bench/results/2026-11-22-uvloop.md). Short caches stay: an editor's completions in
         several places reuse them without even a restore.
         """
+        self.note_use()  # a new prompt's cells are in, the idle ones beyond the budget not yet out
         idle = sorted(
             (s for s in self._slots if not s.busy and s.tokens), key=lambda s: -s.released
         )
@@ -148,3 +154,34 @@ class SlotCaches:
                 spare -= len(slot.tokens)
             else:
                 self._drop(slot)
+
+    def note_use(self) -> None:
+        """What the slots hold now may be the most since the last pack (called when a request
+        has placed its prompt and when one ends)."""
+        self._peak = max(self._peak, self._held())
+
+    def spread(self) -> bool:
+        """Whether cells in use may lie far above what the idle slots hold (cells freed since
+        the peak leave holes below the ones kept, and llama.cpp's attention spans up to the
+        highest cell in use, in every step of every stream)."""
+        held = self._held()
+        return self._peak - held >= max(held, PACK_SLACK)
+
+    def pack(self) -> None:
+        """With no request running: save every slot's cache, free them all, and restore them,
+        most recently used first, into the lowest cells. Measured on F16 (2 cores), 16 idle cells
+        left at cell 16,384 make a one-token step cost 38% more and a 9-token verify 71%."""
+        held = [s for s in sorted(self._slots, key=lambda s: -s.released) if s.tokens]
+        assert not any(s.busy for s in held)
+        states = [(s, self._ctx.save_seq(s.seq_id)) for s in held]
+        for s, _ in states:
+            self._ctx.seq_rm(s.seq_id, -1, -1)
+        for s, state in states:
+            if not self._ctx.restore_seq(s.seq_id, state):
+                log.warning("could not restore an idle cache while packing (%d bytes)", len(state))
+                self._ctx.seq_rm(s.seq_id, -1, -1)
+                s.tokens = []
+        self._peak = self._held()
+
+    def _held(self) -> int:
+        return sum(len(s.tokens) for s in self._slots)
