@@ -102,6 +102,20 @@ def registry(model_path: Path) -> Registry:
     return parse_registry(raw, REPO / "models.toml")
 
 
+async def greedy_run(worker, prompt: list[int], max_tokens: int) -> tuple[int, str]:
+    """A greedy request through a ``ModelWorker``: (prompt tokens that came from a cache, text)."""
+    from server.engine.base import Delta, Finished, GenerationRequest, SamplingParams
+
+    req = GenerationRequest(prompt, max_tokens, sampling=SamplingParams(temperature=0))
+    text, cached = "", -1
+    async for ev in worker.stream(req):
+        if isinstance(ev, Delta):
+            text += ev.text
+        elif isinstance(ev, Finished):
+            cached = ev.timings.cached_tokens
+    return cached, text
+
+
 def batch_context(model, *, n_ctx: int, n_seq: int, n_batch: int = 256):
     """The batched engine's context for a loaded ``Model``: q8_0 KV, flash attention, 2 threads."""
     from server.engine.base import ggml_kv_type

@@ -6,12 +6,13 @@ import asyncio
 
 import pytest
 
-from server.engine.base import Delta, Finished, GenerationRequest, SamplingParams
+from server.engine.base import Finished, GenerationRequest, SamplingParams
 from server.engine.batched import BatchedEngine
 from server.engine.model import Model
 from server.engine.prompt_cache import MIN_REUSE, PromptCache
 from server.engine.slot_cache import IDLE_CELLS
 from server.scheduler import ModelWorker
+from tests.conftest import greedy_run
 
 
 def toks(start: int, n: int) -> list[int]:
@@ -131,14 +132,7 @@ def test_a_long_idle_cache_leaves_the_buffer_and_comes_back_from_host_ram(model_
     assert IDLE_CELLS < len(long) < cfg.n_ctx - 8
 
     async def run(prompt: list[int]) -> tuple[int, str]:
-        req = GenerationRequest(prompt, 4, sampling=SamplingParams(temperature=0))
-        text, cached = "", -1
-        async for ev in worker.stream(req):
-            if isinstance(ev, Delta):
-                text += ev.text
-            elif isinstance(ev, Finished):
-                cached = ev.timings.cached_tokens
-        return cached, text
+        return await greedy_run(worker, prompt, 4)
 
     async def visits() -> None:
         await run(long)

@@ -6,13 +6,13 @@ import asyncio
 import time
 from types import SimpleNamespace
 
-from server.engine.base import Delta, Finished, GenerationRequest, SamplingParams
 from server.engine.batch_state import Slot
 from server.engine.batched import PACK_AFTER_S, BatchedEngine
 from server.engine.model import Model
 from server.engine.prompt_cache import PromptCache
 from server.engine.slot_cache import PACK_SLACK, SlotCaches
 from server.scheduler import ModelWorker
+from tests.conftest import greedy_run
 
 
 class RecordingContext:
@@ -107,14 +107,7 @@ def test_after_a_burst_the_idle_engine_packs_and_its_caches_still_answer(model_p
     assert all(len(p) > 2 * 512 // 4 for p in burst)
 
     async def run(prompt: list[int]) -> tuple[int, str]:
-        req = GenerationRequest(prompt, 8, sampling=SamplingParams(temperature=0))
-        text, cached = "", -1
-        async for ev in worker.stream(req):
-            if isinstance(ev, Delta):
-                text += ev.text
-            elif isinstance(ev, Finished):
-                cached = ev.timings.cached_tokens
-        return cached, text
+        return await greedy_run(worker, prompt, 8)
 
     async def visits() -> None:
         await asyncio.gather(*(run(p) for p in burst))
