@@ -169,8 +169,8 @@ class SlotCaches:
 
     def pack(self) -> None:
         """With no request running: save every slot's cache, free them all, and restore them,
-        most recently used first, into the lowest cells. Measured on F16 (2 cores), 16 idle cells
-        left at cell 16,384 make a one-token step cost 38% more and a 9-token verify 71%."""
+        most recently used first, into the lowest cells (what a few cells left high cost every
+        step: bench/results/2026-11-23-kv-spread.md)."""
         held = [s for s in sorted(self._slots, key=lambda s: -s.released) if s.tokens]
         assert not any(s.busy for s in held)
         states = [(s, self._ctx.save_seq(s.seq_id)) for s in held]
