@@ -171,9 +171,9 @@ class SlotCaches:
         """With no request running: save every slot's cache, free them all, and restore them,
         most recently used first, into the lowest cells (what a few cells left high cost every
         step: bench/results/2026-11-23-kv-spread.md)."""
-        held = [s for s in sorted(self._slots, key=lambda s: -s.released) if s.tokens]
-        assert not any(s.busy for s in held)
-        states = [(s, self._ctx.save_seq(s.seq_id)) for s in held]
+        kept = [s for s in sorted(self._slots, key=lambda s: -s.released) if s.tokens]
+        assert not any(s.busy for s in kept)
+        states = [(s, self._ctx.save_seq(s.seq_id)) for s in kept]
         for s, _ in states:
             self._ctx.seq_rm(s.seq_id, -1, -1)
         for s, state in states:
