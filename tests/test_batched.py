@@ -20,7 +20,7 @@ from server.engine.base import Delta, Finished, GenerationRequest, SamplingParam
 from server.engine.batched import BatchedEngine
 from server.engine.model import Model
 from server.scheduler import ModelWorker
-from tests.conftest import SMALL_CTX_MODEL
+from tests.conftest import SMALL_CTX_MODEL, greedy_run
 
 PROMPTS = [
     f"def {name}("
@@ -276,3 +276,37 @@ def test_a_collected_answer_comes_in_one_piece_after_its_first_token(model_path,
     for i in (0, 1):
         assert len(streamed[i]) > 2 and len(collected[i]) == 2
         assert joined(collected[i]) == joined(streamed[i])
+
+
+def test_a_request_that_fails_to_start_fails_alone(model_path, registry):
+    """An error while a request takes its slot ends that request with it; the ones decoding
+    go on, and the slot is free again (before: the request was lost and its client waited)."""
+    cfg = registry.models["smollm2-135m"].model_copy(update={"n_ctx": 512})
+    engine = BatchedEngine(Model.load(model_path, cfg), slots=2)
+    worker = ModelWorker("m", engine, queue_size=8, queue_timeout_s=60)
+    place = engine._caches.place
+    calls = []
+
+    def failing_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("placement failed")
+        return place(*args, **kwargs)
+
+    engine._caches.place = failing_once  # type: ignore[method-assign]
+    prompt = engine.tokenize("def add(a, b):\n    ", add_bos=True)
+
+    async def go() -> None:
+        slow = asyncio.ensure_future(greedy_run(worker, prompt, 48))
+        await asyncio.sleep(0.05)  # decoding when the next one starts
+        with pytest.raises(RuntimeError, match="placement failed"):
+            await greedy_run(worker, prompt, 4)
+        assert not slow.done()
+        assert (await slow)[1]  # the request decoding meanwhile went on
+        assert (await greedy_run(worker, prompt, 4))[1]  # and the slots still serve
+        assert not any(s.busy for s in engine._slots)
+
+    try:
+        asyncio.run(go())
+    finally:
+        worker.close()

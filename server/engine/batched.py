@@ -231,14 +231,17 @@ class BatchedEngine:
             except Exception as e:  # a failed decode fails the requests in it, not the server
                 log.exception("batched decode step failed")
                 for g in self._groups:
-                    for c in g.choices:
-                        if c.state != "done":
-                            self._lib.llama_sampler_free(c.sampler)
-                            c.state = "done"
-                    self._release(g)
-                    g.end(e)
+                    self._fail(g, e)
                 self._groups = []
                 self._flush()
+
+    def _fail(self, g: Group, error: Exception) -> None:
+        for c in g.choices:
+            if c.state != "done":
+                self._lib.llama_sampler_free(c.sampler)
+                c.state = "done"
+        self._release(g)
+        g.end(error)
 
     def _flush(self) -> None:
         """Hand the events gathered since the last call to their sinks.
@@ -257,7 +260,16 @@ class BatchedEngine:
         with self._wake:
             while self._incoming and self._free_slots():
                 g = self._incoming.pop(0)
-                self._start_group(g)
+                try:
+                    self._start_group(g)
+                except Exception as e:  # it fails alone; the requests decoding go on
+                    log.exception("starting a request failed")
+                    for slot in {c.slot for c in g.choices} | ({g.primary} if g.primary else set()):
+                        # Its cells may not match its tokens any more: forget them.
+                        self._ctx.seq_rm(slot.seq_id, -1, -1)
+                        slot.tokens = []
+                    self._fail(g, e)
+                    continue
                 self._groups.append(g)
 
     def _start_group(self, g: Group) -> None:
