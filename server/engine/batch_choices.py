@@ -1,10 +1,10 @@
 """What the batched engine does with one choice's rows of logits once a step has computed them.
 
-A choice's token comes from its logits row (numpy's argmax for plain greedy, else its llama.cpp
-sampler chain); drafted rows are walked while the pick agrees; text is released past stop strings
-and emitted; a choice finishes on an end token, a stop string, its budget or cancellation, and its
-slot then starts the request's next choice when a request asks for more choices than slots. The
-step and admission loop around it is server.engine.batched.
+A choice's token comes from its logits row (numpy's argmax when greedy with at most bans, else
+its llama.cpp sampler chain); drafted rows are walked while the pick agrees; text is released
+past stop strings and emitted; a choice finishes on an end token, a stop string, its budget or
+cancellation, and its slot then starts the request's next choice when a request asks for more
+choices than slots. The step and admission loop around it is server.engine.batched.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from server.engine.batch_speculation import BatchSpeculation
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
 from server.engine.model import Model
-from server.engine.sampling import logprob_entry, plain_greedy, sampler_chain
+from server.engine.sampling import greedy_bans, greedy_pick, logprob_entry, sampler_chain
 from server.engine.text import Released, TextReleaser
 
 
@@ -40,7 +40,7 @@ class ChoiceTokens:
             slot,
             sampler_chain(g.req, seed, self.model),
             TextReleaser(g.req.stop),
-            greedy=plain_greedy(g.req),
+            greedy=greedy_bans(g.req, self.model),
             state=state,
         )
         self._speculation.start(choice)
@@ -109,8 +109,8 @@ class ChoiceTokens:
 
     def pick(self, c: Choice, index: int) -> int:
         """The token row ``index`` gives choice ``c``: its sampler's pick."""
-        if c.greedy:
-            return int(self._ctx.logits(index, self._n_vocab).argmax())
+        if c.greedy is not None:
+            return greedy_pick(self._ctx.logits(index, self._n_vocab), c.greedy)
         return int(self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index))
 
     def _logprob(self, index: int, token: int, top_n: int) -> TokenLogprob:

@@ -28,7 +28,8 @@ class Choice:
     slot: Slot
     sampler: Any  # llama_sampler_p, freed when the choice finishes
     releaser: TextReleaser
-    greedy: bool = False  # the sampler would pick the top logit: take the argmax instead
+    # The sampler would pick the top logit but for these banned tokens: take the argmax instead.
+    greedy: frozenset[int] | None = None
     state: str = "prefill"  # prefill (waiting for the prompt) → eval_last → decode → done
     last: int = -1  # token to feed next step
     completion: int = 0

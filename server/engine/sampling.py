@@ -61,23 +61,39 @@ def sampler_chain(req: GenerationRequest, seed: int, model: Model) -> Any:
     return chain
 
 
-def plain_greedy(req: GenerationRequest) -> bool:
-    """Whether the chain ``sampler_chain`` builds for ``req`` picks the highest raw logit: greedy
-    with nothing that edits the logits first (biases, banned end tokens, penalties, grammar).
+def greedy_bans(req: GenerationRequest, model: Model) -> frozenset[int] | None:
+    """The tokens banned from a request whose chain (``sampler_chain``) picks the highest raw
+    logit among the others: greedy, with nothing editing the logits but bans (``ignore_eos``'s
+    end tokens, biases of -inf). None when the chain does more (finite biases, penalties, a
+    grammar, sampling).
 
-    Then an argmax over the logits row is the same token for a fraction of the cost: llama.cpp's
-    sampler copies every logit into a candidate array before its greedy step scans it, and both
-    take the first of equal maxima."""
+    Then an argmax over the logits row, the banned tokens masked, is the same token for a
+    fraction of the cost: llama.cpp's sampler copies every logit into a candidate array before
+    its greedy step scans it, and both take the first of equal maxima."""
     s = req.sampling
-    return (
+    if not (
         s.temperature == 0
-        and not req.logit_bias
-        and not req.ignore_eos
         and req.grammar is None
         and s.repeat_penalty == 1.0
         and s.frequency_penalty == 0.0
         and s.presence_penalty == 0.0
-    )
+        and all(bias == float("-inf") for _, bias in req.logit_bias)
+    ):
+        return None
+    banned = {t for t, _ in req.logit_bias}
+    if req.ignore_eos:
+        banned.update(model.eog_tokens())
+    return frozenset(banned)
+
+
+def greedy_pick(row: np.ndarray, banned: frozenset[int]) -> int:
+    """The first highest logit of ``row`` outside ``banned``."""
+    token = int(row.argmax())
+    if token in banned:
+        row = row.copy()
+        row[list(banned)] = -np.inf
+        token = int(row.argmax())
+    return token
 
 
 def logprob_entry(
