@@ -4,7 +4,8 @@ A choice's token comes from its logits row (numpy's argmax when greedy with at m
 its llama.cpp sampler chain); drafted rows are walked while the pick agrees; text is released
 past stop strings and emitted; a choice finishes on an end token, a stop string, its budget or
 cancellation, and its slot then starts the request's next choice when a request asks for more
-choices than slots. The step and admission loop around it is server.engine.batched.
+choices than slots. A request's choices start together once its prompt is in and end together
+when it is over. The step and admission loop around it is server.engine.batched.
 """
 
 from __future__ import annotations
@@ -152,6 +153,36 @@ class ChoiceTokens:
             self._ctx.seq_rm(c.slot.seq_id, prompt_len - 1, -1)
             c.slot.tokens = c.slot.tokens[: prompt_len - 1]
             self.new(g, c.slot, state="eval_last")
+
+    def finish_all(self, g: Group, reason: FinishReason) -> None:
+        """Finish every choice of the group not finished yet, the unstarted first (a finished
+        choice would otherwise hand its slot to the next one)."""
+        while g.remaining > 0:
+            self.finish_unstarted(g, reason)
+        for c in g.choices:
+            if c.state != "done":
+                self.finish(c, reason)
+
+    def prompt_ready(self, g: Group, index: int) -> None:
+        """The prompt is in the primary's KV cache (logits in row ``index``): copy it to the
+        other choices and sample their first tokens."""
+        assert g.primary is not None
+        if g.req.max_tokens <= 0:  # a warm-up: the cache is filled, nothing to generate
+            self.finish_all(g, "length")
+            return
+        for c in g.choices:
+            if c.slot is not g.primary:
+                self._ctx.seq_rm(c.slot.seq_id, -1, -1)
+                self._ctx.seq_cp(g.primary.seq_id, c.slot.seq_id)
+                c.slot.tokens = list(g.primary.tokens)
+            self.first(c, index)
+
+    def abandon(self, g: Group) -> None:
+        """Free the group's live choices without a word: it is ending with an error."""
+        for c in g.choices:
+            if c.state != "done":
+                self._lib.llama_sampler_free(c.sampler)
+                c.state = "done"
 
     def finish_unstarted(self, g: Group, reason: FinishReason) -> None:
         """Finish the group's next choice before it ever took a slot."""

@@ -236,10 +236,7 @@ class BatchedEngine:
                 self._flush()
 
     def _fail(self, g: Group, error: Exception) -> None:
-        for c in g.choices:
-            if c.state != "done":
-                self._lib.llama_sampler_free(c.sampler)
-                c.state = "done"
+        self._choices.abandon(g)
         self._release(g)
         g.end(error)
 
@@ -285,7 +282,7 @@ class BatchedEngine:
         g.primary, g.cached, g.pending = primary, placed.cached, prompt[placed.end :]
         if g.req.max_tokens <= 0:
             # A warm-up (llama-server's n_predict 0): evaluate the prompt into the cache, then
-            # finish every choice without sampling (see _prompt_ready).
+            # finish every choice without sampling (see ChoiceTokens.prompt_ready).
             self._choices.new(g, primary, state="prefill")
             self._caches.forget_idle()
             return
@@ -344,7 +341,7 @@ class BatchedEngine:
             draft_row = first_draft
             for i, owner in owners:
                 if isinstance(owner, Group):
-                    self._prompt_ready(owner, i)
+                    self._choices.prompt_ready(owner, i)
                     first_token = first_token or owner.req.max_tokens > 0  # not a warm-up
                     continue
                 if owner.state == "eval_last":
@@ -381,31 +378,11 @@ class BatchedEngine:
         if self._draft is not None:  # its passes meet the same barriers
             self._draft.fit_threads(n, SMALL_STEP)
 
-    def _prompt_ready(self, g: Group, index: int) -> None:
-        """The prompt is in the primary's KV cache: copy it to the other choices and sample."""
-        assert g.primary is not None
-        if g.req.max_tokens <= 0:  # a warm-up: the cache is filled, nothing to generate
-            while g.remaining > 0:
-                self._choices.finish_unstarted(g, "length")
-            for c in g.choices:
-                self._choices.finish(c, "length")
-            return
-        for c in g.choices:
-            if c.slot is not g.primary:
-                self._ctx.seq_rm(c.slot.seq_id, -1, -1)
-                self._ctx.seq_cp(g.primary.seq_id, c.slot.seq_id)
-                c.slot.tokens = list(g.primary.tokens)
-            self._choices.first(c, index)
-
     def _retire(self) -> None:
         for g in [g for g in self._groups if g.finished >= g.req.n or g.cancelled()]:
             # Every choice ends with a Finished event, or its generate() call would wait forever
             # (a client may leave after this step took its tokens: the choices are still live).
-            for c in g.choices:
-                if c.state != "done":
-                    self._choices.finish(c, "cancelled")
-            while g.remaining > 0:
-                self._choices.finish_unstarted(g, "cancelled")
+            self._choices.finish_all(g, "cancelled")
             self._release(g)
             self._groups.remove(g)
             g.end(None)
