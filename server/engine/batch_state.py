@@ -64,6 +64,10 @@ class Group:
     def remaining(self) -> int:
         return self.req.n - self.next_index
 
+    def slots(self) -> set[Slot]:
+        """Every slot the request took: its choices' and the primary's."""
+        return {c.slot for c in self.choices} | ({self.primary} if self.primary else set())
+
     def send(self, event: Event) -> None:
         self.emit(event)
 

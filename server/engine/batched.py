@@ -261,7 +261,7 @@ class BatchedEngine:
                     self._start_group(g)
                 except Exception as e:  # it fails alone; the requests decoding go on
                     log.exception("starting a request failed")
-                    for slot in {c.slot for c in g.choices} | ({g.primary} if g.primary else set()):
+                    for slot in g.slots():
                         # Its cells may not match its tokens any more: forget them.
                         self._ctx.seq_rm(slot.seq_id, -1, -1)
                         slot.tokens = []
@@ -390,6 +390,6 @@ class BatchedEngine:
     def _release(self, g: Group) -> None:
         now = time.perf_counter()
         self._caches.note_use()
-        for slot in {c.slot for c in g.choices} | ({g.primary} if g.primary else set()):
+        for slot in g.slots():
             slot.busy = False
             slot.released = now

@@ -29,9 +29,7 @@ def sampler_chain(req: GenerationRequest, seed: int, model: Model) -> Any:
     def add(sampler: Any) -> None:
         llama_cpp.llama_sampler_chain_add(chain, sampler)
 
-    biases = dict(req.logit_bias)
-    if req.ignore_eos:
-        biases.update((t, float("-inf")) for t in model.eog_tokens())
+    biases = logit_biases(req, model)
     if biases:
         arr: Any = (llama_cpp.llama_logit_bias * len(biases))()
         for i, (token, bias) in enumerate(biases.items()):
@@ -61,6 +59,14 @@ def sampler_chain(req: GenerationRequest, seed: int, model: Model) -> Any:
     return chain
 
 
+def logit_biases(req: GenerationRequest, model: Model) -> dict[int, float]:
+    """The request's logit biases, with ``ignore_eos``'s ban on end-of-generation tokens."""
+    biases = dict(req.logit_bias)
+    if req.ignore_eos:
+        biases.update((t, float("-inf")) for t in model.eog_tokens())
+    return biases
+
+
 def greedy_bans(req: GenerationRequest, model: Model) -> frozenset[int] | None:
     """The tokens banned from a request whose chain (``sampler_chain``) picks the highest raw
     logit among the others: greedy, with nothing editing the logits but bans (``ignore_eos``'s
@@ -77,13 +83,12 @@ def greedy_bans(req: GenerationRequest, model: Model) -> frozenset[int] | None:
         and s.repeat_penalty == 1.0
         and s.frequency_penalty == 0.0
         and s.presence_penalty == 0.0
-        and all(bias == float("-inf") for _, bias in req.logit_bias)
     ):
         return None
-    banned = {t for t, _ in req.logit_bias}
-    if req.ignore_eos:
-        banned.update(model.eog_tokens())
-    return frozenset(banned)
+    biases = logit_biases(req, model)
+    if any(bias != float("-inf") for bias in biases.values()):
+        return None
+    return frozenset(biases)
 
 
 def greedy_pick(row: np.ndarray, banned: frozenset[int]) -> int:
