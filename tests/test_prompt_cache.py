@@ -114,7 +114,8 @@ def test_short_prompts_sent_round_robin_stay_cached(model_path, registry):
 
     try:
         second = asyncio.run(laps())
-        assert second == [len(p) - 1 for p in prompts]
+        # Whole, with the logits after each (server.engine.prompt_logits): nothing evaluated.
+        assert second == [len(p) for p in prompts]
         assert engine.prompt_cache.hits == 0  # all found in the KV buffer
     finally:
         worker.close()
@@ -140,7 +141,7 @@ def test_a_long_idle_cache_leaves_the_buffer_and_comes_back_from_host_ram(model_
         assert engine.kv_tokens() <= len(short) + 4
         assert engine.prompt_cache.bytes_held > 0
         cached, _ = await run(long)
-        assert cached == len(long) - 1  # restored whole, only the last token evaluated
+        assert cached == len(long)  # restored whole; the logits after it were kept
         assert engine.prompt_cache.hits == 1
 
     try:

@@ -13,17 +13,36 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+
 from server.engine.base import Delta, Finished, FinishReason, Timings, TokenLogprob
 from server.engine.batch_speculation import BatchSpeculation
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
 from server.engine.model import Model
-from server.engine.sampling import greedy_bans, greedy_pick, logprob_entry, sampler_chain
+from server.engine.prompt_logits import PromptLogits
+from server.engine.sampling import (
+    greedy_bans,
+    greedy_pick,
+    logprob_entry,
+    sample_row,
+    sampler_chain,
+)
 from server.engine.text import Released, TextReleaser
+
+# Where a choice's next token comes from: a row of the last step's logits, or a row kept apart
+# (the logits after a prompt evaluated earlier: server.engine.prompt_logits).
+At = int | np.ndarray
 
 
 class ChoiceTokens:
-    def __init__(self, ctx: BatchContext, model: Model, speculation: BatchSpeculation) -> None:
+    def __init__(
+        self,
+        ctx: BatchContext,
+        model: Model,
+        speculation: BatchSpeculation,
+        prompt_logits: PromptLogits,
+    ) -> None:
         import llama_cpp
 
         self._lib: Any = llama_cpp
@@ -31,6 +50,7 @@ class ChoiceTokens:
         self.model = model
         self._n_vocab = model.n_vocab
         self._speculation = speculation
+        self._prompt_logits = prompt_logits
 
     def new(self, g: Group, slot: Slot, state: str) -> None:
         """The group's next choice, decoding in ``slot`` with its own seed."""
@@ -48,9 +68,9 @@ class ChoiceTokens:
         g.choices.append(choice)
         g.next_index += 1
 
-    def first(self, c: Choice, index: int) -> None:
+    def first(self, c: Choice, at: At) -> None:
         """The choice's first token, from the row after its prompt."""
-        token = self.sample(c, index)
+        token = self.sample(c, at)
         if c.drafts is not None:
             c.drafts.extend([token])
 
@@ -79,20 +99,20 @@ class ChoiceTokens:
         assert c.drafts is not None
         c.drafts.settle(emitted)
 
-    def sample(self, c: Choice, index: int) -> int:
-        """Sample from row ``index`` and emit the token; returns it (even when it ends the
+    def sample(self, c: Choice, at: At) -> int:
+        """Sample from row ``at`` and emit the token; returns it (even when it ends the
         choice: an end-of-generation token, a stop string, the budget)."""
         g, req = c.group, c.group.req
         if c.t_first is None:
             c.t_first = time.perf_counter()
-        token = self.pick(c, index)
+        token = self.pick(c, at)
         c.state = "decode"
         if self.model.is_eog(token):
             self.finish(c, "stop")
             return token
         c.completion += 1
         c.last = token
-        lp = self._logprob(index, token, req.logprobs) if req.logprobs is not None else None
+        lp = self._logprob(at, token, req.logprobs) if req.logprobs is not None else None
         out = c.releaser.push(token, self.model.piece(token), lp)
         if c.held is not None:
             c.held.extend(out)
@@ -108,15 +128,19 @@ class ChoiceTokens:
             self.finish(c, "length")
         return token
 
-    def pick(self, c: Choice, index: int) -> int:
-        """The token row ``index`` gives choice ``c``: its sampler's pick."""
+    def pick(self, c: Choice, at: At) -> int:
+        """The token row ``at`` gives choice ``c``: its sampler's pick."""
         if c.greedy is not None:
-            return greedy_pick(self._ctx.logits(index, self._n_vocab), c.greedy)
-        return int(self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, index))
+            return greedy_pick(self._row(at), c.greedy)
+        if isinstance(at, np.ndarray):
+            return sample_row(c.sampler, at)
+        return int(self._lib.llama_sampler_sample(c.sampler, self._ctx.ptr, at))
 
-    def _logprob(self, index: int, token: int, top_n: int) -> TokenLogprob:
-        row = self._ctx.logits(index, self._n_vocab)
-        return logprob_entry(row, token, top_n, self.model.detokenize)
+    def _row(self, at: At) -> np.ndarray:
+        return at if isinstance(at, np.ndarray) else self._ctx.logits(at, self._n_vocab)
+
+    def _logprob(self, at: At, token: int, top_n: int) -> TokenLogprob:
+        return logprob_entry(self._row(at), token, top_n, self.model.detokenize)
 
     def finish(self, c: Choice, reason: FinishReason) -> None:
         g = c.group
@@ -163,10 +187,13 @@ class ChoiceTokens:
             if c.state != "done":
                 self.finish(c, reason)
 
-    def prompt_ready(self, g: Group, index: int) -> None:
-        """The prompt is in the primary's KV cache (logits in row ``index``): copy it to the
-        other choices and sample their first tokens."""
+    def prompt_ready(self, g: Group, at: At) -> None:
+        """The prompt is in the primary's KV cache (the logits after it in row ``at`` of the
+        step that evaluated it, kept for the prompt's next time, or kept from an earlier time):
+        copy it to the other choices and sample their first tokens."""
         assert g.primary is not None
+        if not isinstance(at, np.ndarray):
+            self._prompt_logits.put(g.req.prompt, self._ctx.logits(at, self._n_vocab))
         if g.req.max_tokens <= 0:  # a warm-up: the cache is filled, nothing to generate
             self.finish_all(g, "length")
             return
@@ -175,7 +202,7 @@ class ChoiceTokens:
                 self._ctx.seq_rm(c.slot.seq_id, -1, -1)
                 self._ctx.seq_cp(g.primary.seq_id, c.slot.seq_id)
                 c.slot.tokens = list(g.primary.tokens)
-            self.first(c, index)
+            self.first(c, at)
 
     def abandon(self, g: Group) -> None:
         """Free the group's live choices without a word: it is ending with an error."""

@@ -25,6 +25,8 @@ import random
 import threading
 import time
 
+import numpy as np
+
 from server.engine.base import (
     CacheStats,
     CancelFlag,
@@ -44,6 +46,7 @@ from server.engine.binding import BatchContext
 from server.engine.cpu_share import SMALL_STEP, CpuShare
 from server.engine.model import Model
 from server.engine.prompt_cache import PromptCache
+from server.engine.prompt_logits import PromptLogits
 from server.engine.sampling import sampler_chain
 from server.engine.slot_cache import SlotCaches
 from server.errors import InvalidRequest, ModelUnavailable
@@ -105,7 +108,8 @@ class BatchedEngine:
         )
         self.kv_cells = cells
         self._speculation = BatchSpeculation(model, self._ctx, self._n_batch, self._draft)
-        self._choices = ChoiceTokens(self._ctx, model, self._speculation)
+        self._prompt_logits = PromptLogits()
+        self._choices = ChoiceTokens(self._ctx, model, self._speculation, self._prompt_logits)
         self._slots = [Slot(i) for i in range(slots)]
         self._caches = SlotCaches(self._ctx, model, self._slots, self.prompt_cache, self._n_batch)
         self._incoming: list[Group] = []
@@ -226,7 +230,9 @@ class BatchedEngine:
             try:
                 if self._incoming:  # starting one may evaluate or measure for a while
                     self._flush()
-                self._admit()
+                if self._admit():
+                    self._flush()
+                    pause_for_first_token(self._ctx.threads[0])
                 self._step()
             except Exception as e:  # a failed decode fails the requests in it, not the server
                 log.exception("batched decode step failed")
@@ -253,12 +259,14 @@ class BatchedEngine:
     def _free_slots(self) -> list[Slot]:
         return [s for s in self._slots if not s.busy]
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
+        """Start what waits while slots are free; whether one had its first token already."""
+        first_token = False
         with self._wake:
             while self._incoming and self._free_slots():
                 g = self._incoming.pop(0)
                 try:
-                    self._start_group(g)
+                    first_token = self._start_group(g) or first_token
                 except Exception as e:  # it fails alone; the requests decoding go on
                     log.exception("starting a request failed")
                     for slot in g.slots():
@@ -268,15 +276,21 @@ class BatchedEngine:
                     self._fail(g, e)
                     continue
                 self._groups.append(g)
+        return first_token
 
-    def _start_group(self, g: Group) -> None:
+    def _start_group(self, g: Group) -> bool:
+        """Place the request's prompt and take its slots; True when its prompt was cached whole
+        with the logits after it, so its first tokens are out without a step."""
         prompt = g.req.prompt
         free = self._free_slots()
         # A seeded request starts cold for reproducible text (logits depend on how a prompt was
         # batched).
         cold = g.req.sampling.seed is not None and g.req.sampling.temperature > 0
         budget = self._prefill_chunk if self._groups else self._n_batch
-        placed = self._caches.place(prompt, free, cold=cold, budget=budget)
+        row = None if cold else self._prompt_logits.get(prompt)
+        placed = self._caches.place(
+            prompt, free, cold=cold, budget=budget, logits_kept=row is not None
+        )
         primary = placed.slot
         primary.busy = True
         g.primary, g.cached, g.pending = primary, placed.cached, prompt[placed.end :]
@@ -285,7 +299,7 @@ class BatchedEngine:
             # finish every choice without sampling (see ChoiceTokens.prompt_ready).
             self._choices.new(g, primary, state="prefill")
             self._caches.forget_idle()
-            return
+            return self._start_cached(g, row)
         # Further choices take the slots idle longest, sparing the recent caches worth keeping.
         spare = sorted((s for s in free if s is not primary), key=lambda s: s.released)
         extra = spare[: min(g.req.n, self.capacity) - 1]
@@ -293,6 +307,15 @@ class BatchedEngine:
             slot.busy = True
             self._choices.new(g, slot, state="prefill")
         self._caches.forget_idle()
+        return self._start_cached(g, row)
+
+    def _start_cached(self, g: Group, row: np.ndarray | None) -> bool:
+        """Start the choices from ``row`` if the placement left nothing of the prompt to
+        evaluate (it does so only where the row is at hand)."""
+        if g.pending or row is None:
+            return False
+        self._choices.prompt_ready(g, row)
+        return g.req.max_tokens > 0
 
     def _step(self) -> None:
         entries: list[tuple[int, int, int, bool]] = []  # token, pos, seq, wants logits

@@ -101,6 +101,34 @@ def greedy_pick(row: np.ndarray, banned: frozenset[int]) -> int:
     return token
 
 
+# llama.cpp's llama_token_data {id, logit, p}, as numpy lays out the same C struct.
+_TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+
+
+def sample_row(sampler: Any, row: np.ndarray) -> int:
+    """What ``llama_sampler_sample`` does with a context's logits row, for a row kept apart from
+    any context: the chain applied to every token's logit, then told which token it picked (so
+    penalties and grammars move on). ``row`` is not written."""
+    import ctypes
+
+    import llama_cpp
+
+    data = np.empty(len(row), dtype=_TOKEN_DATA)
+    data["id"] = np.arange(len(row), dtype=np.intc)
+    data["logit"] = row
+    data["p"] = 0.0
+    cur = llama_cpp.llama_token_data_array(
+        data=data.ctypes.data_as(llama_cpp.llama_token_data_p),
+        size=len(row),
+        selected=-1,
+        sorted=False,
+    )
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
+    token = int(cur.data[cur.selected].id)  # samplers may reorder the array in place
+    llama_cpp.llama_sampler_accept(sampler, token)
+    return token
+
+
 def logprob_entry(
     row: np.ndarray, token: int, top_n: int, detokenize: Callable[[list[int]], str]
 ) -> TokenLogprob:

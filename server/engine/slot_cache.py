@@ -54,14 +54,23 @@ class SlotCaches:
         self._shift_cost = chunk_reuse.ShiftCost()
         self._peak = 0  # the most cells the slots held at once since the buffer was last packed
 
-    def place(self, prompt: list[int], free: list[Slot], *, cold: bool, budget: int) -> Placement:
+    def place(
+        self,
+        prompt: list[int],
+        free: list[Slot],
+        *,
+        cold: bool,
+        budget: int,
+        logits_kept: bool = False,
+    ) -> Placement:
         """Choose the slot for ``prompt`` among ``free`` and leave in it the cells it reuses.
 
         ``cold``: reuse nothing; ``budget``: the most tokens a chunk of reused cells may be
-        evaluated ahead of at once (a step's prompt budget).
+        evaluated ahead of at once (a step's prompt budget); ``logits_kept``: the logits after the
+        whole prompt are at hand, so all of it may come from the cache.
         """
-        # Keep at least one prompt token to evaluate: its logits start every choice.
-        limit = 0 if cold else len(prompt) - 1
+        # Else keep at least one prompt token to evaluate: its logits start every choice.
+        limit = 0 if cold else len(prompt) if logits_kept else len(prompt) - 1
         # Cells move only where the model's positions allow it.
         min_chunk = self._model.cfg.cache_reuse if self._ctx.can_shift else 0
 
@@ -80,7 +89,7 @@ class SlotCaches:
             )
 
         # The most reused tokens; among equals the slot idle longest, so recent caches survive.
-        # A slot holding the whole prompt in place (but the token evaluated to start the choices)
+        # A slot holding the whole prompt in place (but for a token evaluated to start the choices)
         # cannot be beaten, so the others' chunk plans are not worked out: an editor sending a
         # prompt again (a repeated keystroke, a prompt cycled through the slots) waits for none.
         whole = [s for s in free if limit and common_prefix(s.tokens, prompt) >= limit]
