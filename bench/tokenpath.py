@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import itertools
 import json
 import multiprocessing
 import sys
@@ -192,16 +193,23 @@ def run(
             "ignore_eos": True,  # every round streams exactly `tokens` tokens
             "stream": True,
         }
+        # Every request ends its prompt with a line of its own, so its first token comes from a
+        # step as the others do: a prompt sent again would start from the logits kept after it.
+        sent = itertools.count()
+
+        def fresh() -> dict[str, Any]:
+            return {**body, "prompt": f"{PROMPT}    # {next(sent)}\n"}
+
         try:
             for v in names:  # warm-up: the prompt's cache, the connection, every code path
                 probe.variant = v
-                mine.send(body)
+                mine.send(fresh())
                 mine.recv()
             with busy_load(contend):
                 for r in range(rounds):
                     for v in names[r % len(names) :] + names[: r % len(names)]:  # rotating
                         probe.variant = v
-                        _round(probe, mine, body, srv, acc[v])
+                        _round(probe, mine, fresh(), srv, acc[v])
         finally:
             mine.send(None)
             client.join(timeout=30)

@@ -35,6 +35,9 @@ def test_rows_are_kept_by_whole_prompt_within_the_byte_bound():
     assert rows.get([1, 2, 2]) is not None  # now the most recently used
     rows.put([9], np.zeros(100, dtype=np.float32))
     assert rows.get([1, 2, 3]) is None and rows.get([1, 2, 2]) is not None
+    rows.put([1, 2, 4], np.zeros(100, dtype=np.float32))  # kept already: only used again
+    rows.put([8], np.zeros(100, dtype=np.float32))
+    assert rows.get([9]) is None and rows.get([1, 2, 4]) is not None and len(rows) == 3
 
 
 def test_a_kept_row_is_a_read_only_copy():

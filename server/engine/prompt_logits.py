@@ -41,7 +41,10 @@ class PromptLogits:
     def put(self, prompt: Sequence[int], row: np.ndarray) -> None:
         """Keep a copy of ``row``, the logits after ``prompt``."""
         key = tuple(prompt)
-        if key in self._rows or row.nbytes > self.max_bytes:
+        if key in self._rows:
+            self._rows.move_to_end(key)
+            return
+        if row.nbytes > self.max_bytes:
             return
         kept = row.copy()
         kept.flags.writeable = False  # every repeat samples from it: nothing may edit it
