@@ -11,10 +11,12 @@ One decode-loop thread owns the context; `submit()` hands it a request and it em
 events itself, gathered per step and handed over right before the next llama_decode (no thread
 per request: on 2 cores each thread woken per token steals time from llama.cpp's threads). A slot
 keeps its KV cache after its request for the next one sharing a prefix; which slot a prompt
-takes and which idle caches stay in the buffer is server.engine.slot_cache. Greedy sequences may
-speculate inside the shared step, with prompt lookup or the model's draft model
-(server.engine.batch_speculation). What a choice does with its logits rows once a step computed
-them (pick, verify drafts, release text, finish) is server.engine.batch_choices.
+takes and which idle caches stay in the buffer is server.engine.slot_cache, how a request takes
+its slots (starting at once from the logits kept after its prompt, when it can) is
+server.engine.batch_admission. Greedy sequences may speculate inside the shared step, with prompt
+lookup or the model's draft model (server.engine.batch_speculation). What a choice does with its
+logits rows once a step computed them (pick, verify drafts, release text, finish) is
+server.engine.batch_choices.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ import logging
 import random
 import threading
 import time
-
-import numpy as np
 
 from server.engine.base import (
     CacheStats,
@@ -38,6 +38,7 @@ from server.engine.base import (
     ggml_kv_type,
     pause_for_first_token,
 )
+from server.engine.batch_admission import Admission
 from server.engine.batch_choices import ChoiceTokens
 from server.engine.batch_draft_model import BatchDraftModel
 from server.engine.batch_speculation import BatchSpeculation
@@ -112,6 +113,15 @@ class BatchedEngine:
         self._choices = ChoiceTokens(self._ctx, model, self._speculation, self._prompt_logits)
         self._slots = [Slot(i) for i in range(slots)]
         self._caches = SlotCaches(self._ctx, model, self._slots, self.prompt_cache, self._n_batch)
+        self._admission = Admission(
+            self._ctx,
+            self._slots,
+            self._caches,
+            self._choices,
+            self._prompt_logits,
+            n_batch=self._n_batch,
+            prefill_chunk=prefill_chunk,
+        )
         self._incoming: list[Group] = []
         # A step's events, handed over just before the next llama_decode (see _flush).
         self._outbox: list[tuple[EventSink, Event]] = []
@@ -256,66 +266,20 @@ class BatchedEngine:
         for sink, event in out:
             sink(event)
 
-    def _free_slots(self) -> list[Slot]:
-        return [s for s in self._slots if not s.busy]
-
     def _admit(self) -> bool:
         """Start what waits while slots are free; whether one had its first token already."""
         first_token = False
         with self._wake:
-            while self._incoming and self._free_slots():
+            while self._incoming and self._admission.free_slots():
                 g = self._incoming.pop(0)
                 try:
-                    first_token = self._start_group(g) or first_token
+                    first_token = self._admission.start(g, bool(self._groups)) or first_token
                 except Exception as e:  # it fails alone; the requests decoding go on
                     log.exception("starting a request failed")
-                    for slot in g.slots():
-                        # Its cells may not match its tokens any more: forget them.
-                        self._ctx.seq_rm(slot.seq_id, -1, -1)
-                        slot.tokens = []
                     self._fail(g, e)
                     continue
                 self._groups.append(g)
         return first_token
-
-    def _start_group(self, g: Group) -> bool:
-        """Place the request's prompt and take its slots; True when its prompt was cached whole
-        with the logits after it, so its first tokens are out without a step."""
-        prompt = g.req.prompt
-        free = self._free_slots()
-        # A seeded request starts cold for reproducible text (logits depend on how a prompt was
-        # batched).
-        cold = g.req.sampling.seed is not None and g.req.sampling.temperature > 0
-        budget = self._prefill_chunk if self._groups else self._n_batch
-        row = None if cold else self._prompt_logits.get(prompt)
-        placed = self._caches.place(
-            prompt, free, cold=cold, budget=budget, logits_kept=row is not None
-        )
-        primary = placed.slot
-        primary.busy = True
-        g.primary, g.cached, g.pending = primary, placed.cached, prompt[placed.end :]
-        if g.req.max_tokens <= 0:
-            # A warm-up (llama-server's n_predict 0): evaluate the prompt into the cache, then
-            # finish every choice without sampling (see ChoiceTokens.prompt_ready).
-            self._choices.new(g, primary, state="prefill")
-            self._caches.forget_idle()
-            return self._start_cached(g, row)
-        # Further choices take the slots idle longest, sparing the recent caches worth keeping.
-        spare = sorted((s for s in free if s is not primary), key=lambda s: s.released)
-        extra = spare[: min(g.req.n, self.capacity) - 1]
-        for slot in [primary, *extra]:
-            slot.busy = True
-            self._choices.new(g, slot, state="prefill")
-        self._caches.forget_idle()
-        return self._start_cached(g, row)
-
-    def _start_cached(self, g: Group, row: np.ndarray | None) -> bool:
-        """Start the choices from ``row`` if the placement left nothing of the prompt to
-        evaluate (it does so only where the row is at hand)."""
-        if g.pending or row is None:
-            return False
-        self._choices.prompt_ready(g, row)
-        return g.req.max_tokens > 0
 
     def _step(self) -> None:
         entries: list[tuple[int, int, int, bool]] = []  # token, pos, seq, wants logits
