@@ -1,7 +1,7 @@
 """Prompt-lookup speculation in the default (batched) engine: one stream and eight at once.
 
     python -m bench.batched_speculation [--rounds 3] [--prompts 6] [--targets Q4_1,F16]
-                                        [--kv q8_0] [--draft Q4_0] [--json PATH]
+                                        [--kv q8_0] [--draft Q4_0] [--simple] [--json PATH]
 
 Each target (the default model and its F16 rebuild, see bench.speculative.derived_gguf) is
 loaded once in codeserve's ``BatchedEngine`` with 8 slots, in this process, and driven through
@@ -16,6 +16,11 @@ per prompt and round, so load drifts hit all of them alike.
 * eight streams: eight prompts submitted together (half rewrites, half HumanEval): aggregate
   tokens/s (completion tokens over the wall time of the whole batch) and its ratio to ``off``.
 
+With ``--simple`` the simple engine (``--engine simple``, one request at a time, where #13's 1.5×
+was first measured) is loaded beside it and its ``off`` and ``prompt_lookup`` join the one-stream
+interleaving, each against its own ``off``: the two engines' gains compare within one run, which
+separate runs on this machine cannot (a multi-token F16 step's cost drifts by the hour).
+
 Greedy identity with ``off`` is counted per run (``identical``).
 """
 
@@ -29,9 +34,30 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.speculative import Prompt, derived_gguf, workloads
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A way to serve the one-stream prompts: an engine and a speculation mode."""
+
+    name: str  # the row's mode: "off", "prompt_lookup", "draft", "simple off", ...
+    engine: Any
+    mode: str
+    base: str  # the variant its ratio is taken against: the same engine, speculation off
+
+
+def _simple_engine(path: Path, kv: str):
+    from server.engine.llama import LlamaEngine
+    from server.registry import parse_registry
+
+    models: dict = {"t": {"source": {"path": str(path)}, "n_ctx": 2048, "kv_cache": kv}}
+    reg = parse_registry({"default_model": "t", "models": models}, Path("bench.toml"))
+    return LlamaEngine(path, reg.models["t"])
 
 
 def _engine(path: Path, kv: str, draft: Path | None = None):
@@ -91,39 +117,50 @@ def _run(engine, batch: list[tuple[list[int], Prompt]], mode: str) -> tuple[list
     return results, max(r["t_end"] for r in results) - t0
 
 
-def bench_target(path: Path, kv: str, rounds: int, n: int, draft: Path | None = None) -> dict:
+def bench_target(
+    path: Path, kv: str, rounds: int, n: int, draft: Path | None = None, simple: bool = False
+) -> dict:
     engine = _engine(path, kv, draft)
     modes = ["off", "prompt_lookup"] + (["draft"] if draft is not None else [])
     fast = modes[1:]
+    variants = [Variant(m, engine, m, "off") for m in modes]
+    plain = _simple_engine(path, kv) if simple else None
+    if plain is not None:
+        variants += [
+            Variant(f"simple {m}", plain, m, "simple off") for m in ("off", "prompt_lookup")
+        ]
     prompts = workloads(n, lambda s: len(engine.tokenize(s, add_bos=False)))
     ids = [engine.tokenize(p.text, add_bos=True) for p in prompts]
     pairs = list(zip(ids, prompts, strict=True))
-    for mode in modes:  # warm-up; the first speculative request calibrates
-        _run(engine, pairs[:1], mode)
+    for v in variants:  # warm-up; the first speculative request calibrates
+        _run(v.engine, pairs[:1], v.mode)
     rewrites = [x for x in pairs if x[1].workload == "rewrite"]
     others = [x for x in pairs if x[1].workload != "rewrite"]
     eight = (rewrites[:4] + others[:4])[:8]
     flushes = _flushes(engine)
     single: dict[tuple[str, str], list[dict]] = {}
-    by_round: dict[tuple[str, str, int], list[dict]] = {}  # (workload, mode, round) -> runs
-    # per mode, prompt and round: a request against its plain twin
+    by_round: dict[tuple[str, str, int], list[dict]] = {}  # (workload, variant, round) -> runs
+    # per variant, prompt and round: a request against its plain twin
     pair_ratios: dict[tuple[str, str], list[float]] = {}
     multi: dict[str, list[float]] = {m: [] for m in modes}
-    same = {f"{k} {m}": [0, 0] for m in fast for k in ("single", "eight")}
+    same = {f"single {v.name}": [0, 0] for v in variants if v.name != v.base}
+    same.update({f"eight {m}": [0, 0] for m in fast})
     for r in range(rounds):
         for i, pair in enumerate(pairs):
-            shift = (r + i) % len(modes)  # the order of modes rotates per prompt and round
+            shift = (r + i) % len(variants)  # the order rotates per prompt and round
             outs = {}
-            for mode in modes[shift:] + modes[:shift]:
-                (res,), _ = _run(engine, [pair], mode)
-                single.setdefault((pair[1].workload, mode), []).append(res)
-                by_round.setdefault((pair[1].workload, mode, r), []).append(res)
-                outs[mode] = res
-            for m in fast:
-                same[f"single {m}"][0] += outs["off"]["tokens"] == outs[m]["tokens"]
-                same[f"single {m}"][1] += 1
-                ratio = _decode_tps([outs[m]]) / _decode_tps([outs["off"]])
-                pair_ratios.setdefault((pair[1].workload, m), []).append(ratio)
+            for v in variants[shift:] + variants[:shift]:
+                (res,), _ = _run(v.engine, [pair], v.mode)
+                single.setdefault((pair[1].workload, v.name), []).append(res)
+                by_round.setdefault((pair[1].workload, v.name, r), []).append(res)
+                outs[v.name] = res
+            for v in variants:
+                if v.name == v.base:
+                    continue
+                same[f"single {v.name}"][0] += outs[v.base]["tokens"] == outs[v.name]["tokens"]
+                same[f"single {v.name}"][1] += 1
+                ratio = _decode_tps([outs[v.name]]) / _decode_tps([outs[v.base]])
+                pair_ratios.setdefault((pair[1].workload, v.name), []).append(ratio)
         shift = r % len(modes)
         texts = {}
         for mode in modes[shift:] + modes[:shift]:
@@ -140,15 +177,19 @@ def bench_target(path: Path, kv: str, rounds: int, n: int, draft: Path | None = 
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr)
     cost = engine._speculation.cost
     engine.close()
+    if plain is not None:
+        plain.close()
+    base_of = {v.name: v.base for v in variants}
     # A round's ratio is over all of a workload's prompts in it (their tokens over their decode
     # time); the worst single pair of requests is noisier (±15% between identical runs here).
     ratios = {
         (w, m): [
-            _decode_tps(by_round[(w, m, r)]) / _decode_tps(by_round[(w, "off", r)])
+            _decode_tps(by_round[(w, m, r)]) / _decode_tps(by_round[(w, base_of[m], r)])
             for r in range(rounds)
         ]
         for w, m in pair_ratios
     }
+    compared = {v.name for v in variants if v.name != v.base}
     rows = []
     for (workload, mode), runs in single.items():
         drafted = sum(x["timings"].drafted for x in runs)
@@ -160,9 +201,9 @@ def bench_target(path: Path, kv: str, rounds: int, n: int, draft: Path | None = 
                 "workload": workload,
                 "mode": mode,
                 "tps": _decode_tps(runs),
-                "ratio": statistics.median(ratios[workload, mode]) if mode != "off" else 1.0,
-                "ratio_min": min(ratios[workload, mode]) if mode != "off" else 1.0,
-                "worst_pair": min(pair_ratios[workload, mode]) if mode != "off" else 1.0,
+                "ratio": statistics.median(ratios[workload, mode]) if mode in compared else 1.0,
+                "ratio_min": min(ratios[workload, mode]) if mode in compared else 1.0,
+                "worst_pair": min(pair_ratios[workload, mode]) if mode in compared else 1.0,
                 "acceptance": accepted / drafted if drafted else None,
                 # The simple engine's bench (bench.speculative) reports the same two figures.
                 "tokens_per_pass": sum(x["timings"].completion_tokens for x in runs) / passes,
@@ -243,6 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--draft", help='also run mode "draft" with this build of the default model as the draft'
     )
+    ap.add_argument(
+        "--simple",
+        action="store_true",
+        help="also run the simple engine's off and prompt_lookup in the one-stream rounds",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -254,7 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     for q in (q for q in args.targets.split(",") if q):
         path = derived_gguf(base, q)
         print(f"target {path.name}", file=sys.stderr)
-        rep["targets"].append(bench_target(path, args.kv, args.rounds, args.prompts, draft))
+        rep["targets"].append(
+            bench_target(path, args.kv, args.rounds, args.prompts, draft, args.simple)
+        )
         print(markdown({"targets": rep["targets"][-1:]}), flush=True)
         if args.json:
             args.json.write_text(json.dumps(rep, indent=2, default=str))

@@ -150,9 +150,13 @@ def test_busy_load_starts_and_stops_its_processes():
 def test_batched_speculation_bench_reports_both_modes(model_path):
     from bench.batched_speculation import bench_target, markdown
 
-    rep = bench_target(model_path, "q8_0", rounds=1, n=1)
+    rep = bench_target(model_path, "q8_0", rounds=1, n=1, simple=True)
     modes = {(r["streams"], r["mode"]) for r in rep["rows"]}
-    assert modes == {(s, m) for s in (1, 8) for m in ("off", "prompt_lookup")}
+    simple = {(1, "simple off"), (1, "simple prompt_lookup")}
+    assert modes == {(s, m) for s in (1, 8) for m in ("off", "prompt_lookup")} | simple
+    # each engine's lookup is compared with its own plain decode
+    assert {r["mode"] for r in rep["rows"] if r["ratio"] == 1.0} >= {"off", "simple off"}
+    assert "single simple prompt_lookup" in rep["identical"]
     assert rep["cost"] and "verify(n)/step" in rep["cost"]
     assert "| 8 |" in markdown({"targets": [rep]})
 
