@@ -75,10 +75,20 @@ class Target:
 
 
 @contextmanager
-def _process(cmd: list[str], url: str, ready: str, log_name: str) -> Iterator[str]:
+def _process(
+    cmd: list[str], url: str, ready: str, log_name: str, env: dict[str, str | None] | None = None
+) -> Iterator[str]:
+    """Run ``cmd`` until the context ends, once ``url + ready`` answers; ``env`` adds to its
+    environment (None removes a variable)."""
+    environ = {**os.environ, **(env or {})}
     fd, log_path = tempfile.mkstemp(prefix=f"bench-{log_name}-", suffix=".log")
     with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in environ.items() if v is not None},
+        )
     try:
         deadline = time.monotonic() + 180
         while not _ok(url + ready):
@@ -125,9 +135,13 @@ def _codeserve_registry(t: Target, variants: dict[str, dict]) -> Path:
 
 @contextmanager
 def codeserve(
-    t: Target | None = None, variants: dict[str, dict] | None = None, engine: str = "auto"
+    t: Target | None = None,
+    variants: dict[str, dict] | None = None,
+    engine: str = "auto",
+    env: dict[str, str | None] | None = None,
 ) -> Iterator[str]:
-    """codeserve on a registry made for `t` (plus variants), or on the user's models.toml."""
+    """codeserve on a registry made for `t` (plus variants), or on the user's models.toml;
+    `env` is added to its environment (None removes a variable)."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -145,7 +159,7 @@ def codeserve(
     if registry is not None:
         cmd += ["--models-file", str(registry)]
     try:
-        with _process(cmd, f"http://127.0.0.1:{port}", "/health", "codeserve") as url:
+        with _process(cmd, f"http://127.0.0.1:{port}", "/health", "codeserve", env) as url:
             yield url
     finally:
         if registry is not None:

@@ -172,3 +172,15 @@ def test_streams_quick(server, model_path):
     for row in out["rows"]:
         assert all(v > 0 for v in row["tokens_per_s"].values())
     assert "| 2 | " in streams.markdown(out)
+
+
+def test_second_engine_bench_measures_both_configurations_over_http():
+    from bench import second_engine
+    from bench.harness import target
+
+    target(second_engine.EMBEDDING_MODEL)  # pulled, as main() does
+    rep = second_engine.measure(target().name, starts=1, rounds=1, tokens=8)
+    assert [r["server"] for r in rep["rows"]] == list(second_engine.SERVERS)
+    for row in rep["rows"]:
+        assert row["before"] > 0 and row["after"] > 0
+    assert "| libgomp default |" in second_engine.markdown(rep)
