@@ -1,10 +1,10 @@
 """A host-RAM cache of evaluated prompts: the sequence states of slots whose KV cells were freed.
 
-The batched engine keeps only a few idle caches in its KV buffer (idle cells slow every step). When
-it drops one, its sequence state (llama.cpp's per-sequence state: the KV cells of that sequence)
-is saved here, least recently used first out, bounded in bytes; a later prompt that shares a long
-prefix with a saved state restores it into a free slot instead of evaluating that prefix again (an
-editor going back to a file it showed before).
+The batched engine frees idle caches' cells when the next request starts (idle cells slow every
+step). When it drops one, its sequence state (llama.cpp's per-sequence state: the KV cells of
+that sequence) is saved here, least recently used first out, bounded in bytes; a later prompt
+that shares a long prefix with a saved state restores it into a free slot instead of evaluating
+that prefix again (an editor going back to a file it showed before).
 """
 
 from __future__ import annotations

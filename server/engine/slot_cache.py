@@ -3,8 +3,9 @@
 Every slot keeps its KV cache after its request, for the next prompt sharing a prefix. A new
 prompt takes the free slot it can reuse most of (a common prefix, plus runs after an edited span
 moved into place: server.engine.chunk_reuse), or a saved state from the host-RAM prompt cache
-(server.engine.prompt_cache) when that offers more. Idle caches stay in the KV buffer while they
-fit in a small budget of cells; the others are saved to host RAM and their cells freed.
+(server.engine.prompt_cache) when that offers more. When a request starts, the other idle caches
+are saved to host RAM and their cells freed; with no host-RAM cache they stay in the KV buffer
+while they fit in a small budget of cells.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from server.engine.sampling import common_prefix
 
 log = logging.getLogger(__name__)
 
-# Idle slots' KV caches stay in the buffer, most recently used first, while their cells fit in
-# this budget (see SlotCaches.forget_idle); the others go to the host-RAM prompt cache.
+# With no host-RAM prompt cache, idle slots' KV caches stay in the buffer, most recently used
+# first, while their cells fit in this budget (see SlotCaches.forget_idle); the others are lost.
 IDLE_CELLS = 512
 # Packing the idle caches back to the start of the buffer (SlotCaches.pack) is worth its copies
 # once the cells it could free above them number at least this many and at least as many as they
@@ -144,20 +145,20 @@ class SlotCaches:
             self.prompt_cache.put(slot.tokens, self._ctx.save_seq(slot.seq_id))
 
     def forget_idle(self) -> None:
-        """Keep idle slots' caches, most recently used first, while their cells fit in
-        IDLE_CELLS together; save the others to host RAM and free their cells.
+        """Save idle slots' caches to host RAM and free their cells; with no host-RAM cache,
+        keep them, most recently used first, while their cells fit in IDLE_CELLS together.
 
         All sequences share one KV buffer, and attention scans every cell up to the highest one
-        in use, so idle cells slow every step of every stream, while a restore from host RAM is
-        a copy of the state, thousands of times cheaper than evaluating it (both measured in
-        bench/results/2026-11-22-uvloop.md). Short caches stay: an editor's completions in
-        several places reuse them without even a restore.
+        in use, so idle cells slow every step of every stream, even a few hundred of them, while
+        a restore from host RAM is a copy of the state, and with the logits kept after a prompt
+        an editor's short prompts still come back without a step (measured in
+        bench/results/2026-11-22-uvloop.md and 2026-11-23-idle-cells.md).
         """
-        self.note_use()  # a new prompt's cells are in, the idle ones beyond the budget not yet out
+        self.note_use()  # a new prompt's cells are in, the idle ones not yet out
         idle = sorted(
             (s for s in self._slots if not s.busy and s.tokens), key=lambda s: -s.released
         )
-        spare = IDLE_CELLS
+        spare = 0 if self.prompt_cache.max_bytes > 0 else IDLE_CELLS
         for slot in idle:
             if len(slot.tokens) <= spare:
                 spare -= len(slot.tokens)
