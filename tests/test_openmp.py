@@ -1,7 +1,7 @@
 """libgomp's waiting policy, set before llama.cpp's CPU backend loads it (server/__init__.py).
 
 A second engine in one process (an embedding model beside the default one) made libgomp sleep at
-every barrier of every decode (2.9x slower: bench.second_engine, measured there, not here)."""
+every barrier of every decode (bench.second_engine measures that; tests do not time it)."""
 
 from __future__ import annotations
 
