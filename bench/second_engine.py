@@ -10,7 +10,7 @@ second engine's team brings (``server/__init__.py``). Two configurations of code
 user's ``models.toml``: ``codeserve`` as it starts, and ``libgomp default``, started with
 ``GOMP_SPINCOUNT`` set to libgomp's own default, which leaves libgomp's wait policy as it was
 before codeserve set one. Each is started ``--starts`` times, alternately, one server at a time
-(a second server beside it, idle or not, moves the figures by up to 25%); each start streams
+(a second server beside it, idle or not, moves the figures); each start streams
 ``--rounds`` requests (``bench.shared_cpu``'s: a HumanEval prompt with a fresh first line,
 greedy, ``ignore_eos``), sends one ``/v1/embeddings`` request, and streams the same requests
 again.
