@@ -171,6 +171,19 @@ def test_a_load_near_the_line_does_not_flip_the_count():
     assert settle(s, m, 0.15) == 2
 
 
+def test_a_load_in_the_band_after_a_rest_gets_the_count_a_fresh_start_would():
+    m = FakeMachine()
+    s = share(m)
+    assert settle(s, m, 1.5) == 1  # a build came and went
+    s.rest()
+    m.others = 0.25  # the editor's light load stays
+    m.run(1.0, ours=0.0)
+    assert s.threads() == (1, 1)  # the first token still runs with the count from before
+    first_step(s, m, (1, 1))
+    assert settle(s, m, 0.25, readings=1) == 2
+    assert settle(s, m, 0.25) == 2
+
+
 def test_many_cores_give_back_only_what_the_others_take():
     m = FakeMachine()
     s = share(m, configured=8, cores=16)
@@ -278,7 +291,14 @@ def test_the_server_decodes_with_fewer_threads_while_the_cores_are_busy(server, 
         for h in hogs:
             h.kill()
             h.wait()
-    time.sleep(0.5)
-    r = client.post("/v1/completions", json={**count, "max_tokens": 150})
-    assert r.status_code == 200
-    assert threads() >= before
+    # The cores are free again, but for whatever else this machine runs: the count read before
+    # the load comes back within a few requests (each one's first reading decides afresh).
+    after = []
+    for _ in range(4):
+        time.sleep(0.5)
+        r = client.post("/v1/completions", json={**count, "max_tokens": 150})
+        assert r.status_code == 200
+        after.append(threads())
+        if after[-1] >= before:
+            break
+    assert after[-1] >= before, after

@@ -153,11 +153,13 @@ class CpuShare:
         spent = (sample.busy - self._last.busy) - (sample.own - self._last.own)
         load = max(0.0, spent / (now - self._at))
         self._last, self._at = sample, now
-        self.others = (
-            load if self.others is None else _SMOOTHING * load + (1 - _SMOOTHING) * self.others
-        )
+        fresh = self.others is None
+        self.others = load if fresh else _SMOOTHING * load + (1 - _SMOOTHING) * self.others
         free = len(self.cpus) - self.others
-        token, batch = self.current
+        # The first reading of new work decides from the line alone: hysteresis keeps a count
+        # steady within a stretch of work, but carried across a rest it would keep a thread away
+        # for as long as a light load stays in the band, because a heavier one came and went.
+        token, batch = (self.configured, self.configured) if fresh else self.current
         self.current = (self._fit(free, token, FIT_TOKEN), self._fit(free, batch, FIT_BATCH))
         return self.current
 
