@@ -154,7 +154,9 @@ class CpuShare:
         load = max(0.0, spent / (now - self._at))
         self._last, self._at = sample, now
         fresh = self.others is None
-        self.others = load if fresh else _SMOOTHING * load + (1 - _SMOOTHING) * self.others
+        self.others = (
+            load if self.others is None else _SMOOTHING * load + (1 - _SMOOTHING) * self.others
+        )
         free = len(self.cpus) - self.others
         # The first reading of new work decides from the line alone: hysteresis keeps a count
         # steady within a stretch of work, but carried across a rest it would keep a thread away
