@@ -28,13 +28,17 @@ MAX_OVERHEAD_S = 1e-3
 class Sample:
     ttft_s: float  # request sent → first streamed text on the wire
     latency_s: float  # request sent → last byte
-    tokens: int  # streamed text chunks: one per token on every server measured
+    # Generated tokens, and those of the first frame: counted with the model's vocabulary when
+    # the caller gives one (a server may send several tokens to a frame), else frames.
+    tokens: int
     prompt_tokens: int | None
+    first_tokens: int = 1
 
     @property
     def decode_tok_s(self) -> float:
         span = self.latency_s - self.ttft_s
-        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else float("nan")
+        after = self.tokens - self.first_tokens
+        return after / span if after > 0 and span > 0 else float("nan")
 
 
 class HttpError(RuntimeError):
@@ -142,14 +146,24 @@ def sse_text(line: bytes) -> tuple[str, dict | None]:
 TextOf = Callable[[bytes], tuple[str, dict | None]]
 
 
-def stream_text(url: str, path: str, body: dict, text_of: TextOf, timeout: float = 300) -> Sample:
+def stream_text(
+    url: str,
+    path: str,
+    body: dict,
+    text_of: TextOf,
+    timeout: float = 300,
+    count: Callable[[str], int] | None = None,
+) -> Sample:
     """A streamed request; `text_of(line)` gives a line's generated text and parsed event.
 
-    TTFT is when the first line carrying text arrived; latency when the last byte did.
+    TTFT is when the first line carrying text arrived; latency when the last byte did. With
+    `count` (a vocabulary's token count of generated text) tokens are counted in the text, else
+    one per frame.
     """
     conn = connection(url)
     conn.timeout = timeout
     first, tokens, prompt_tokens = None, 0, None
+    texts: list[str] = []
     t0 = time.perf_counter()
     end = t0
     for arrived, line in conn.lines(path, body):
@@ -159,15 +173,21 @@ def stream_text(url: str, path: str, body: dict, text_of: TextOf, timeout: float
             prompt_tokens = event["usage"]["prompt_tokens"]
         if text:
             tokens += 1
+            texts.append(text)
             if first is None:
                 first = arrived - t0
     latency = end - t0
-    return Sample(first if first is not None else latency, latency, tokens, prompt_tokens)
+    ttft = first if first is not None else latency
+    if count is None or not texts:
+        return Sample(ttft, latency, tokens, prompt_tokens)
+    return Sample(ttft, latency, count("".join(texts)), prompt_tokens, count(texts[0]))
 
 
-def stream(url: str, body: dict, timeout: float = 300) -> Sample:
+def stream(
+    url: str, body: dict, timeout: float = 300, count: Callable[[str], int] | None = None
+) -> Sample:
     """One streamed /v1/completions request: TTFT and latency from the wire."""
-    return stream_text(url, "/v1/completions", {**body, "stream": True}, sse_text, timeout)
+    return stream_text(url, "/v1/completions", {**body, "stream": True}, sse_text, timeout, count)
 
 
 def post(url: str, path: str, body: dict, timeout: float = 600) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from bench.client import Sample
 from bench.harness import Target
@@ -27,9 +28,11 @@ class RawLlama:
             verbose=False,
         )
 
-    def stream(self, body: dict) -> Sample:
+    def stream(self, body: dict, count: Callable[[str], int] | None = None) -> Sample:
+        """Timed as bench.client.stream times a server, tokens counted the same way."""
         t0 = time.perf_counter()
         first, tokens = None, 0
+        texts: list[str] = []
         for chunk in self.llm.create_completion(
             body["prompt"],
             max_tokens=body["max_tokens"],
@@ -37,9 +40,13 @@ class RawLlama:
             stop=body.get("stop"),
             stream=True,
         ):
-            if chunk["choices"][0]["text"]:
+            if text := chunk["choices"][0]["text"]:
                 tokens += 1
+                texts.append(text)
                 if first is None:
                     first = time.perf_counter() - t0
         end = time.perf_counter() - t0
-        return Sample(first if first is not None else end, end, tokens, None)
+        ttft = first if first is not None else end
+        if count is None or not texts:
+            return Sample(ttft, end, tokens, None)
+        return Sample(ttft, end, count("".join(texts)), None, count(texts[0]))

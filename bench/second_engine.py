@@ -22,10 +22,11 @@ import argparse
 import json
 import statistics
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import client
-from bench.harness import codeserve, target
+from bench.harness import codeserve, target, token_counter
 from bench.workloads import humaneval
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -38,7 +39,9 @@ SERVERS: dict[str, dict[str, str | None]] = {
 }
 
 
-def _decode_rounds(url: str, model: str, rounds: int, tokens: int) -> list[float]:
+def _decode_rounds(
+    url: str, model: str, rounds: int, tokens: int, count: Callable[[str], int]
+) -> list[float]:
     problems = humaneval()
     out = []
     for r in range(rounds):
@@ -49,7 +52,7 @@ def _decode_rounds(url: str, model: str, rounds: int, tokens: int) -> list[float
             "temperature": 0,
             "ignore_eos": True,
         }
-        out.append(client.stream(url, body).decode_tok_s)
+        out.append(client.stream(url, body, count=count).decode_tok_s)
     return out
 
 
@@ -57,13 +60,14 @@ def measure(model: str, starts: int, rounds: int, tokens: int) -> dict:
     runs: dict[str, dict[str, list[float]]] = {
         name: {"before": [], "after": []} for name in SERVERS
     }
+    count = token_counter(target(model).path, prompt=False)
     for i in range(starts):
         for name in list(SERVERS) if i % 2 == 0 else list(SERVERS)[::-1]:
             with codeserve(env=SERVERS[name]) as url:
-                runs[name]["before"] += _decode_rounds(url, model, rounds, tokens)
+                runs[name]["before"] += _decode_rounds(url, model, rounds, tokens, count)
                 body = {"model": EMBEDDING_MODEL, "input": "def f(): pass"}
                 client.post(url, "/v1/embeddings", body)
-                runs[name]["after"] += _decode_rounds(url, model, rounds, tokens)
+                runs[name]["after"] += _decode_rounds(url, model, rounds, tokens, count)
     return {
         "starts": starts,
         "rounds": rounds,

@@ -19,14 +19,25 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import client
 from bench.contention import busy_load
+from bench.harness import target, token_counter
 from bench.workloads import humaneval
 
 
-def measure(urls: dict[str, str], model: str, loads: list[int], rounds: int, tokens: int) -> dict:
+def measure(
+    urls: dict[str, str],
+    model: str,
+    loads: list[int],
+    rounds: int,
+    tokens: int,
+    count: Callable[[str], int] | None = None,
+) -> dict:
+    """``count``: the model's token count of generated text (servers may send several tokens
+    to a frame); None counts frames."""
     problems = humaneval()
     names = list(urls)
     rows = []
@@ -45,7 +56,7 @@ def measure(urls: dict[str, str], model: str, loads: list[int], rounds: int, tok
                     "ignore_eos": True,
                 }
                 for peer in names if r % 2 == 0 else names[::-1]:
-                    s = client.stream(urls[peer], body)
+                    s = client.stream(urls[peer], body, count=count)
                     decode[peer].append(s.decode_tok_s)
                     ttft[peer].append(s.ttft_s * 1e3)
         rows.append(
@@ -90,9 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     urls = client.peers(ap, args)
-    rep = measure(
-        urls, args.model, [int(x) for x in args.loads.split(",")], args.rounds, args.tokens
-    )
+    loads = [int(x) for x in args.loads.split(",")]
+    count = token_counter(target(args.model).path, prompt=False)
+    rep = measure(urls, args.model, loads, args.rounds, args.tokens, count)
     if args.json:
         args.json.write_text(json.dumps(rep, indent=2))
     print(markdown(rep))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from tqdm import tqdm
 
@@ -122,7 +124,12 @@ def run_suite(
             order = peers[r % len(peers) :] + peers[: r % len(peers)]
             for peer in order:
                 bar.set_postfix_str(f"round {r + 1} {peer}")
-                run = raw.stream if peer == "raw" else _http(urls[peer], t.name)
+                generated = token_counter(t.path, prompt=False)
+                run = (
+                    partial(raw.stream, count=generated)
+                    if peer == "raw"
+                    else _http(urls[peer], t.name, generated)
+                )
                 _single_stream(run, peer, plan, problems, res, token_counter(t.path), r)
                 bar.update()
         bar.set_postfix_str("editor trace")
@@ -180,9 +187,9 @@ def run_suite(
     return rep
 
 
-def _http(url: str, model: str):
+def _http(url: str, model: str, count: Callable[[str], int]):
     def run(body: dict) -> client.Sample:
-        return client.stream(url, {"model": model, **body})
+        return client.stream(url, {"model": model, **body}, count=count)
 
     return run
 
@@ -241,6 +248,7 @@ def _variants(url: str | None, t: Target, variants: dict[str, dict], plan: Plan)
         return out
     problems = workloads.humaneval()[: max(1, plan.humaneval_problems // 2)]
     count = token_counter(t.path)
+    generated = token_counter(t.path, prompt=False)
     rewrites = workloads.rewrite_prompts(max(1, plan.humaneval_problems // 2), count)
     bodies = {
         "decode_tok_s": [
@@ -256,7 +264,9 @@ def _variants(url: str | None, t: Target, variants: dict[str, dict], plan: Plan)
         for name in runs:
             for figure, batch in bodies.items():
                 for body in batch:
-                    s = client.stream(url, {"model": name, "temperature": 0, **body})
+                    s = client.stream(
+                        url, {"model": name, "temperature": 0, **body}, count=generated
+                    )
                     runs[name].setdefault(figure, []).append(s.decode_tok_s)
     for name, figs in runs.items():
         out[name] = {k: summary(v) for k, v in figs.items()} | variants.get(name, {})

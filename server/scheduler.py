@@ -104,7 +104,7 @@ class ModelWorker:
         self._idle.clear()
         outcome = "error"
         finished: list[Finished] = []
-        token_times: list[float] = []
+        token_times: list[tuple[float, int]] = []  # when text arrived, and its token count
         try:
             if not job.started.is_set():
                 try:
@@ -118,7 +118,7 @@ class ModelWorker:
                 if isinstance(event, Finished):
                     finished.append(event)
                 elif isinstance(event, Delta) and event.token_ids:
-                    token_times.append(time.perf_counter())
+                    token_times.append((time.perf_counter(), len(event.token_ids)))
                 yield event
             if event.error is not None:
                 raise event.error
@@ -135,10 +135,16 @@ class ModelWorker:
             self._leave(job)
             _log_request(self.name, label, job, finished, outcome)
             if self.metrics is not None:
-                ttft = token_times[0] - job.enqueued if token_times else None
+                ttft = token_times[0][0] - job.enqueued if token_times else None
                 # A collected answer's text comes in one piece after the first: no token gaps.
                 streamed = not isinstance(job.request, GenerationRequest) or job.request.stream
-                gaps = (b - a for a, b in itertools.pairwise(token_times) if streamed)
+                # Tokens that came together (a frame of several, accepted drafts) share the gap.
+                gaps = (
+                    (b - a) / n
+                    for (a, _), (b, n) in itertools.pairwise(token_times)
+                    if streamed
+                    for _ in range(n)
+                )
                 self.metrics.record_generation(self.name, finished, ttft, gaps)
 
     def _start(self, job: Job) -> None:

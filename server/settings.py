@@ -86,6 +86,13 @@ class ServerSettings(StoreSettings):
         "cache, restored when a prompt shares a long prefix with one (default: an eighth of the "
         "memory budget, at most 512; 0 turns it off)",
     )
+    stream_frame_ms: float = Field(
+        30.0,
+        ge=0,
+        description="a stream's text after its first token goes out at most once per this "
+        "many milliseconds, several tokens to a frame when they come faster (0: every token "
+        "its own frame); the batched engine",
+    )
     prefill_chunk: int = Field(
         128, ge=16, description="prompt tokens per batched step while others are decoding"
     )

@@ -55,7 +55,11 @@ def create_app(
     """
     if engine_factory is None:
         engine_factory = make_engine_factory(
-            settings.engine, settings.slots, settings.prefill_chunk, settings.prompt_cache()
+            settings.engine,
+            settings.slots,
+            settings.prefill_chunk,
+            settings.prompt_cache(),
+            settings.stream_frame_ms,
         )
     metrics = Metrics()
     manager = ModelManager(registry, settings, engine_factory, metrics)

@@ -19,6 +19,7 @@ from server.engine.base import Delta, Finished, FinishReason, Timings, TokenLogp
 from server.engine.batch_speculation import BatchSpeculation
 from server.engine.batch_state import Choice, Group, Slot
 from server.engine.binding import BatchContext
+from server.engine.frames import Frames
 from server.engine.model import Model
 from server.engine.prompt_logits import PromptLogits
 from server.engine.sampling import (
@@ -28,7 +29,7 @@ from server.engine.sampling import (
     sample_row,
     sampler_chain,
 )
-from server.engine.text import Released, TextReleaser
+from server.engine.text import TextReleaser
 
 # Where a choice's next token comes from: a row of the last step's logits, or a row kept apart
 # (the logits after a prompt evaluated earlier: server.engine.prompt_logits).
@@ -42,6 +43,7 @@ class ChoiceTokens:
         model: Model,
         speculation: BatchSpeculation,
         prompt_logits: PromptLogits,
+        frame_s: float = 0.0,
     ) -> None:
         import llama_cpp
 
@@ -51,6 +53,7 @@ class ChoiceTokens:
         self._n_vocab = model.n_vocab
         self._speculation = speculation
         self._prompt_logits = prompt_logits
+        self._frame_s = frame_s  # server.engine.frames
 
     def new(self, g: Group, slot: Slot, state: str) -> None:
         """The group's next choice, decoding in ``slot`` with its own seed."""
@@ -61,6 +64,7 @@ class ChoiceTokens:
             slot,
             sampler_chain(g.req, seed, self.model),
             TextReleaser(g.req.stop),
+            Frames(self._frame_s, stream=g.req.stream),
             greedy=greedy_bans(g.req, self.model),
             state=state,
         )
@@ -114,12 +118,8 @@ class ChoiceTokens:
         c.last = token
         lp = self._logprob(at, token, req.logprobs) if req.logprobs is not None else None
         out = c.releaser.push(token, self.model.piece(token), lp)
-        if c.held is not None:
-            c.held.extend(out)
-        elif out:
-            g.send(Delta(c.index, out.text, tuple(out.token_ids), tuple(out.logprobs)))
-            if not req.stream:  # the first release told when the first token came; the rest waits
-                c.held = Released()
+        if (frame := c.frames.push(out, time.perf_counter())) is not None:
+            g.send(Delta(c.index, frame.text, tuple(frame.token_ids), tuple(frame.logprobs)))
         if c.releaser.stopped:
             self.finish(c, "stop")
         elif c.completion >= req.max_tokens or (
@@ -142,9 +142,17 @@ class ChoiceTokens:
     def _logprob(self, at: At, token: int, top_n: int) -> TokenLogprob:
         return logprob_entry(self._row(at), token, top_n, self.model.detokenize)
 
+    def send_held(self, choices: list[Choice]) -> None:
+        """Send the text the choices' streams hold now: a step that may run long comes next."""
+        now = time.perf_counter()
+        for c in choices:
+            if c.group.req.stream and c.frames.holding:
+                out = c.frames.take(now)
+                c.group.send(Delta(c.index, out.text, tuple(out.token_ids), tuple(out.logprobs)))
+
     def finish(self, c: Choice, reason: FinishReason) -> None:
         g = c.group
-        tail = c.held or Released()
+        tail = c.frames.take(time.perf_counter())
         if reason != "cancelled":
             tail.extend(c.releaser.finish())
         if tail:

@@ -10,7 +10,8 @@ from typing import Any
 from server.engine.base import End, Event, EventSink, GenerationRequest
 from server.engine.batch_draft_model import ModelDrafts
 from server.engine.batch_drafts import SequenceDrafts
-from server.engine.text import Released, TextReleaser
+from server.engine.frames import Frames
+from server.engine.text import TextReleaser
 
 
 @dataclass(eq=False)
@@ -28,6 +29,7 @@ class Choice:
     slot: Slot
     sampler: Any  # llama_sampler_p, freed when the choice finishes
     releaser: TextReleaser
+    frames: Frames  # when its released text goes out
     # The sampler would pick the top logit but for these banned tokens: take the argmax instead.
     greedy: frozenset[int] | None = None
     state: str = "prefill"  # prefill (waiting for the prompt) → eval_last → decode → done
@@ -39,8 +41,6 @@ class Choice:
     drafted: int = 0
     accepted: int = 0
     passes: int = 0  # decode passes (each yields one token, more with accepted drafts)
-    # A collected request's text after its first release, handed over when the choice ends.
-    held: Released | None = None
 
 
 @dataclass(eq=False)

@@ -67,6 +67,7 @@ class BatchedEngine:
         prefill_chunk: int = 128,
         prompt_cache_mb: int = 0,
         draft: Model | None = None,
+        frame_ms: float = 0.0,
     ):
         import llama_cpp
 
@@ -110,7 +111,9 @@ class BatchedEngine:
         self.kv_cells = cells
         self._speculation = BatchSpeculation(model, self._ctx, self._n_batch, self._draft)
         self._prompt_logits = PromptLogits()
-        self._choices = ChoiceTokens(self._ctx, model, self._speculation, self._prompt_logits)
+        self._choices = ChoiceTokens(
+            self._ctx, model, self._speculation, self._prompt_logits, frame_ms / 1e3
+        )
         self._slots = [Slot(i) for i in range(slots)]
         self._caches = SlotCaches(self._ctx, model, self._slots, self.prompt_cache, self._n_batch)
         self._admission = Admission(
@@ -239,6 +242,7 @@ class BatchedEngine:
                 continue
             try:
                 if self._incoming:  # starting one may evaluate or measure for a while
+                    self._send_held()
                     self._flush()
                 if self._admit():
                     self._flush()
@@ -304,6 +308,7 @@ class BatchedEngine:
             self._flush()
         drafts = self._speculation.add_drafts(decoding, entries, prefill if entries else 0)
         budget = self._n_batch - len(entries)
+        decode_entries = len(entries)
         if len(entries) > 0:
             budget = min(budget, self._prefill_chunk)  # keep the others' next token coming
         for g in live:
@@ -319,6 +324,8 @@ class BatchedEngine:
                 entries.append((t, pos + i, g.primary.seq_id, last))
             g.primary.tokens.extend(chunk)
             budget -= len(chunk)
+        if len(entries) > decode_entries:
+            self._choices.send_held(decoding)  # a step with a prompt chunk runs longer
         if entries:
             self._flush()
             self._fit_threads()
@@ -349,6 +356,9 @@ class BatchedEngine:
         elif first_token:
             self._flush()
             pause_for_first_token(self._ctx.threads[0])
+
+    def _send_held(self) -> None:
+        self._choices.send_held([c for g in self._groups for c in g.choices if c.state == "decode"])
 
     def _fit_threads(self) -> None:
         if self._cpu is None or (n := self._cpu.threads()) == self._ctx.threads:

@@ -97,6 +97,19 @@ def close_weights(weights: Any) -> None:
     weights.close()
 
 
+# Row views kept by BatchContext.logits: a step's rows sit at the same addresses step after step
+# (llama.cpp reallocates its output buffer only when a batch wants more rows than ever before).
+_ROW_VIEWS = 1024
+
+
+def _logits_ith() -> Any:
+    """``llama_get_logits_ith`` returning the row's address, called without releasing the GIL."""
+    from llama_cpp import llama_cpp as lib
+
+    proto = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)
+    return proto(("llama_get_logits_ith", lib._lib))
+
+
 class BatchContext:
     """A llama.cpp context that decodes many sequences in one batch (unified KV buffer)."""
 
@@ -139,6 +152,11 @@ class BatchContext:
         # Whether cells may move to other positions (seq_add): RoPE models, not M-RoPE ones.
         self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.memory))
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        # Read once per token between two decodes, where everything Python touches is cold (the
+        # step streamed the weights through the caches): the public wrapper's extra call layer,
+        # its GIL release and a new ndarray per row cost more than the call itself there.
+        self._logits_ith = _logits_ith()
+        self._rows: dict[int, np.ndarray] = {}  # views of logits rows by address
         self._n_batch = n_batch
         self.threads = (threads, threads)
         self._small_step = 1
@@ -167,9 +185,19 @@ class BatchContext:
             raise RuntimeError(f"llama_decode returned {rc}")
 
     def logits(self, index: int, n_vocab: int) -> np.ndarray:
-        return np.ctypeslib.as_array(
-            self._lib.llama_get_logits_ith(self.ptr, index), shape=(n_vocab,)
-        )
+        """Row ``index`` of the last decode's logits, as a view the next decode overwrites."""
+        addr = self._logits_ith(self.ptr, index)
+        if not addr:
+            raise RuntimeError(f"llama.cpp has no logits for batch entry {index}")
+        row = self._rows.get(addr)
+        if row is None or len(row) != n_vocab:
+            if len(self._rows) >= _ROW_VIEWS:
+                self._rows.clear()
+            row = np.frombuffer(
+                memoryview((ctypes.c_float * n_vocab).from_address(addr)), np.float32
+            )
+            self._rows[addr] = row
+        return row
 
     def seq_rm(self, seq: int, p0: int, p1: int) -> None:
         self._lib.llama_memory_seq_rm(self.memory, seq, p0, p1)

@@ -15,7 +15,11 @@ EngineChoice = Literal["auto", "simple", "batched"]
 
 
 def make_engine_factory(
-    choice: EngineChoice, slots: int, prefill_chunk: int, prompt_cache_mb: int = 0
+    choice: EngineChoice,
+    slots: int,
+    prefill_chunk: int,
+    prompt_cache_mb: int = 0,
+    stream_frame_ms: float = 0.0,
 ) -> Any:
     def make(path: Path, cfg: ModelConfig, **kwargs: Any) -> Engine:
         if cfg.kind == "embedding":  # whatever `engine` says: the others only generate
@@ -45,6 +49,7 @@ def make_engine_factory(
                     prefill_chunk=prefill_chunk,
                     prompt_cache_mb=prompt_cache_mb,
                     draft=draft,
+                    frame_ms=stream_frame_ms,
                 )
             except BaseException:
                 model.close()

@@ -34,6 +34,7 @@ class Vocabulary:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.adds_bos = binding.adds_bos(weights)
         self.piece = lru_cache(maxsize=None)(self._piece)
+        self.is_eog = lru_cache(maxsize=None)(self._is_eog)
         self._eog: tuple[int, ...] | None = None
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
@@ -55,13 +56,13 @@ class Vocabulary:
     def token_text(self, token: int) -> str:
         return binding.token_text(self.weights, token)
 
-    def is_eog(self, token: int) -> bool:
+    def _is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
 
     def eog_tokens(self) -> tuple[int, ...]:
         """Every end-of-generation token (what ``ignore_eos`` bans)."""
         if self._eog is None:
-            self._eog = tuple(t for t in range(self.n_vocab) if self.is_eog(t))
+            self._eog = tuple(t for t in range(self.n_vocab) if self._is_eog(t))
         return self._eog
 
     # The FIM detector's view of the vocabulary (server.engine.fim.Vocab).

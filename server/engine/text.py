@@ -48,6 +48,15 @@ class TextReleaser:
 
     def push(self, token_id: int, piece: bytes, logprob: TokenLogprob | None = None) -> Released:
         """Add one generated token; returns what became safe to release."""
+        if not self._stops and logprob is None and not self._tokens:
+            # Nothing held and nothing to hold for: a token with whole characters goes straight
+            # out (most tokens of most requests; this runs between two decode steps).
+            text = self._decoder.decode(piece)
+            if text:
+                self._released_chars += len(text)
+                return Released(text, [token_id])
+            self._tokens.append(_Pending(token_id, self._released_chars, None))
+            return Released()
         start = self._released_chars + len(self._text)
         if logprob is not None:
             logprob = dataclasses.replace(logprob, text_offset=start)
