@@ -103,10 +103,13 @@ _ROW_VIEWS = 1024
 
 
 def _logits_ith() -> Any:
-    """``llama_get_logits_ith`` returning the row's address, called without releasing the GIL."""
+    """``llama_get_logits_ith`` returning the row's address; on a CPU-only build called without
+    releasing the GIL (with a GPU backend the call waits for the device to finish the step, and
+    the event loop must run meanwhile)."""
     from llama_cpp import llama_cpp as lib
 
-    proto = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)
+    factory = ctypes.CFUNCTYPE if lib.llama_supports_gpu_offload() else ctypes.PYFUNCTYPE
+    proto = factory(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)
     return proto(("llama_get_logits_ith", lib._lib))
 
 
@@ -154,7 +157,7 @@ class BatchContext:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         # Read once per token between two decodes, where everything Python touches is cold (the
         # step streamed the weights through the caches): the public wrapper's extra call layer,
-        # its GIL release and a new ndarray per row cost more than the call itself there.
+        # a GIL release and a new ndarray per row cost more than the call itself there.
         self._logits_ith = _logits_ith()
         self._rows: dict[int, np.ndarray] = {}  # views of logits rows by address
         self._n_batch = n_batch
