@@ -3,7 +3,8 @@
     python -m bench.tokenpath [--tokens 128] [--rounds 5] [--contend N] [--json PATH]
                               [--variant basehttp]
 
-codeserve's own app (default settings and model, its default batched engine) runs under
+codeserve's own app (default settings and model, its default batched engine; one frame per
+token, ``--stream-frame-ms 0``, so each frame's stages are one token's) runs under
 uvicorn in this process, with the functions on one token's path wrapped at run time
 (bench.tokenpath_probe). A client in a separate process streams greedy /v1/completions requests
 over one persistent connection, one request at a time, and stamps each frame as it arrives; both
@@ -85,7 +86,8 @@ class Served:
 
 @contextmanager
 def serve(probe: Any, model: str | None) -> Iterator[Served]:
-    """codeserve's app with its default settings under uvicorn on a thread, the probe in."""
+    """codeserve's app with its default settings under uvicorn on a thread, the probe in; every
+    token its own frame (``stream_frame_ms=0``), so a frame's stages are one token's."""
     from sse_starlette.sse import AppStatus
 
     from bench.client import Connection
@@ -95,7 +97,9 @@ def serve(probe: Any, model: str | None) -> Iterator[Served]:
     from server.registry import load_registry
     from server.settings import ServerSettings
 
-    settings = ServerSettings(host="127.0.0.1", port=free_port(), log_level="warning")
+    settings = ServerSettings(
+        host="127.0.0.1", port=free_port(), log_level="warning", stream_frame_ms=0
+    )
     registry = load_registry(settings.models_file)
     app = create_app(settings, registry)
     server = serving.make_server(app, settings)
