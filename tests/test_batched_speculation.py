@@ -272,8 +272,10 @@ def test_eight_streams_drafting_with_a_model_match_their_plain_solo_runs(http, m
     # steps do: measured, the eighth stream's 48th token moved by 0.25 nats against its solo
     # run (-0.92 → -0.67 in one batch, -0.74 in another), where the solo run's two best tokens
     # are 0.31 apart; that token flipped in about one run of ten, and in every run once its
-    # first token came from the row kept after its prompt. A wrong cell moves logits by nats.
-    assert all(g is None or g < 0.4 for g in gaps), gaps
+    # first token came from the row kept after its prompt. Once in CI (a busy machine, frames
+    # and thread counts as landed on 2026-11-23) a stream parted at a token 0.45 behind the best.
+    # A wrong cell moves logits by nats.
+    assert all(g is None or g < 0.5 for g in gaps), gaps
     assert any(g is None for g in gaps), gaps
     after = counters(http, model)
     drafted, accepted = after[0] - before[0], after[1] - before[1]
