@@ -40,6 +40,21 @@ class Sample:
         after = self.tokens - self.first_tokens
         return after / span if after > 0 and span > 0 else float("nan")
 
+    @classmethod
+    def of(
+        cls,
+        ttft_s: float,
+        latency_s: float,
+        texts: list[str],
+        prompt_tokens: int | None,
+        count: Callable[[str], int] | None,
+    ) -> Sample:
+        """A stream whose frames carried ``texts``: tokens counted with ``count`` when given,
+        else one per frame."""
+        if count is None or not texts:
+            return cls(ttft_s, latency_s, len(texts), prompt_tokens)
+        return cls(ttft_s, latency_s, count("".join(texts)), prompt_tokens, count(texts[0]))
+
 
 class HttpError(RuntimeError):
     def __init__(self, status: int, message: str):
@@ -162,7 +177,7 @@ def stream_text(
     """
     conn = connection(url)
     conn.timeout = timeout
-    first, tokens, prompt_tokens = None, 0, None
+    first, prompt_tokens = None, None
     texts: list[str] = []
     t0 = time.perf_counter()
     end = t0
@@ -172,15 +187,11 @@ def stream_text(
         if event and event.get("usage"):
             prompt_tokens = event["usage"]["prompt_tokens"]
         if text:
-            tokens += 1
             texts.append(text)
             if first is None:
                 first = arrived - t0
     latency = end - t0
-    ttft = first if first is not None else latency
-    if count is None or not texts:
-        return Sample(ttft, latency, tokens, prompt_tokens)
-    return Sample(ttft, latency, count("".join(texts)), prompt_tokens, count(texts[0]))
+    return Sample.of(first if first is not None else latency, latency, texts, prompt_tokens, count)
 
 
 def stream(

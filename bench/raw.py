@@ -31,7 +31,7 @@ class RawLlama:
     def stream(self, body: dict, count: Callable[[str], int] | None = None) -> Sample:
         """Timed as bench.client.stream times a server, tokens counted the same way."""
         t0 = time.perf_counter()
-        first, tokens = None, 0
+        first = None
         texts: list[str] = []
         for chunk in self.llm.create_completion(
             body["prompt"],
@@ -41,12 +41,8 @@ class RawLlama:
             stream=True,
         ):
             if text := chunk["choices"][0]["text"]:
-                tokens += 1
                 texts.append(text)
                 if first is None:
                     first = time.perf_counter() - t0
         end = time.perf_counter() - t0
-        ttft = first if first is not None else end
-        if count is None or not texts:
-            return Sample(ttft, end, tokens, None)
-        return Sample(ttft, end, count("".join(texts)), None, count(texts[0]))
+        return Sample.of(first if first is not None else end, end, texts, None, count)

@@ -120,11 +120,11 @@ def run_suite(
             peer: client.check_overhead(url, TRIVIAL.get(peer, "/health"))
             for peer, url in urls.items()
         }
+        generated = token_counter(t.path, prompt=False)
         for r in range(plan.rounds):
             order = peers[r % len(peers) :] + peers[: r % len(peers)]
             for peer in order:
                 bar.set_postfix_str(f"round {r + 1} {peer}")
-                generated = token_counter(t.path, prompt=False)
                 run = (
                     partial(raw.stream, count=generated)
                     if peer == "raw"

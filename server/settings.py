@@ -89,9 +89,9 @@ class ServerSettings(StoreSettings):
     stream_frame_ms: float = Field(
         30.0,
         ge=0,
-        description="a stream's text after its first token goes out at most once per this "
-        "many milliseconds, several tokens to a frame when they come faster (0: every token "
-        "its own frame); the batched engine",
+        description="after a stream's first token, tokens share a frame while the next one is "
+        "expected within this many milliseconds of the last frame (0: every token its own "
+        "frame); the batched engine",
     )
     prefill_chunk: int = Field(
         128, ge=16, description="prompt tokens per batched step while others are decoding"

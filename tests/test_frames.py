@@ -34,12 +34,16 @@ def test_fast_tokens_go_out_in_pairs_and_slow_ones_alone():
 
 def test_a_collected_answer_holds_everything_after_its_first_release():
     assert sent(Frames(0.030, stream=False), tokens(5), 0.5) == [[0], [1, 2, 3, 4]]
+    f = Frames(0.030, stream=False)
+    f.push(Released("a", [1]), 0.0)
+    f.push(Released("b", [2]), 0.5)
+    assert f.before_long_step(0.6) is None  # nobody reads it before the end
 
 
 def test_half_a_character_waits_for_the_first_release():
     f = Frames(0.030, stream=True)
     assert f.push(Released(), 0.0) is None  # half a UTF-8 sequence: nothing released yet
-    assert f.take(0.001).token_ids == [] and not f.holding
+    assert f.take(0.001).token_ids == [] and f.before_long_step(0.001) is None
     first = f.push(Released("é", [7, 8]), 0.01)
     assert first is not None and first.token_ids == [7, 8]
 
@@ -47,8 +51,9 @@ def test_half_a_character_waits_for_the_first_release():
 def test_held_text_goes_out_before_a_long_step():
     f = Frames(1.0, stream=True)
     f.push(Released("a", [1]), 0.0)
-    assert f.push(Released("b", [2]), 0.01) is None and f.holding
-    assert f.take(0.02).text == "b" and not f.holding
+    assert f.push(Released("b", [2]), 0.01) is None
+    held = f.before_long_step(0.02)
+    assert held is not None and held.text == "b" and f.before_long_step(0.02) is None
     assert f.push(Released("c", [3]), 0.03) is None  # the interval runs from that frame
 
 

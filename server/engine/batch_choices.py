@@ -146,8 +146,7 @@ class ChoiceTokens:
         """Send the text the choices' streams hold now: a step that may run long comes next."""
         now = time.perf_counter()
         for c in choices:
-            if c.group.req.stream and c.frames.holding:
-                out = c.frames.take(now)
+            if (out := c.frames.before_long_step(now)) is not None:
                 c.group.send(Delta(c.index, out.text, tuple(out.token_ids), tuple(out.logprobs)))
 
     def finish(self, c: Choice, reason: FinishReason) -> None:

@@ -1,5 +1,5 @@
-"""When a choice's released text leaves the engine: at once for its first token, then at most
-one frame per interval.
+"""When a choice's released text leaves the engine: at once for its first token, then several
+tokens to a frame while the next one is expected within the interval of the last frame.
 
 Each frame a stream sends costs the event loop, the HTTP stack and the client a wake-up and some
 hundreds of microseconds of CPU, taken from the cores llama.cpp decodes on; at a hundred tokens a
@@ -46,6 +46,9 @@ class Frames:
             self._held, self._sent_at = Released(), now
         return out
 
-    @property
-    def holding(self) -> bool:
-        return bool(self._held)
+    def before_long_step(self, now: float) -> Released | None:
+        """A stream's held text, to send before a step that may run long (a prompt chunk, an
+        admission); None when nothing is held or the answer is collected, not streamed."""
+        if not self._held or self.interval == math.inf:
+            return None
+        return self.take(now)
