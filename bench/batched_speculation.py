@@ -76,6 +76,7 @@ def _engine(path: Path, kv: str, draft: Path | None = None):
 
 def _submit(engine, prompt: list[int], p: Prompt, mode: str, done: queue.Queue) -> None:
     from server.engine.base import (
+        CallbackSink,
         Delta,
         End,
         Finished,
@@ -104,7 +105,7 @@ def _submit(engine, prompt: list[int], p: Prompt, mode: str, done: queue.Queue) 
             state["t_end"] = time.perf_counter()
             done.put(state)
 
-    engine.submit(req, sink)
+    engine.submit(req, CallbackSink(sink))
 
 
 def _run(engine, batch: list[tuple[list[int], Prompt]], mode: str) -> tuple[list[dict], float]:

@@ -72,7 +72,7 @@ def spread_costs(path: Path, fills: list[int], reps: int = 5) -> list[tuple[str,
 
 def after_burst(path: Path, rounds: int) -> dict[str, list[float]]:
     from bench.workloads import humaneval
-    from server.engine.base import Delta, End, GenerationRequest, SamplingParams
+    from server.engine.base import CallbackSink, Delta, End, GenerationRequest, SamplingParams
     from server.engine.batched import BatchedEngine
     from server.engine.model import Model
     from server.registry import load_registry
@@ -101,7 +101,7 @@ def after_burst(path: Path, rounds: int) -> dict[str, list[float]]:
             sampling=SamplingParams(temperature=0),
             ignore_eos=True,
         )
-        engine.submit(req, sink)
+        engine.submit(req, CallbackSink(sink))
         return done, st
 
     out: dict[str, list[float]] = {"packed": [], "not packed": []}

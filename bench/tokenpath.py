@@ -149,6 +149,8 @@ def serve(probe: Any, model: str | None) -> Iterator[Served]:
 VARIANTS = {
     "basehttp": "a pass-through BaseHTTPMiddleware around the app, as the request counter was "
     "before it became pure ASGI (server/api/request_count.py)",
+    "nowait": "the decode thread starts its next step without waiting for the event loop to "
+    "take the last token's frame (EventSink.wait_taken answers at once)",
 }
 
 
@@ -158,7 +160,7 @@ def _variants(app: Any) -> dict[str, Any]:
     async def passthrough(request: Any, call_next: Any) -> Any:
         return await call_next(request)
 
-    return {"basehttp": BaseHTTPMiddleware(app, dispatch=passthrough)}
+    return {"basehttp": BaseHTTPMiddleware(app, dispatch=passthrough), "nowait": app}
 
 
 # -- a run ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from server.engine.base import Delta, Event
+from server.engine.base import Delta, Event, EventSink
 
 ns = time.perf_counter_ns
 
@@ -96,18 +96,32 @@ class Probe:
     def last_token(self) -> int | None:
         return self._samples - 1 if self._samples else None
 
-    def sink(self, fn: Callable[[Event], None]) -> Callable[[Event], None]:
-        def timed(event: Event) -> None:
-            if not (self.on and isinstance(event, Delta) and event.token_ids):
-                return fn(event)
-            k = self.last_token
-            assert k is not None
-            self._deltas.append(k)
-            self.mark("emit_start", k)
-            fn(event)
-            self.mark("emit_end", k)
+    def sink(self, inner: EventSink) -> EventSink:
+        probe = self
 
-        return timed
+        class Timed:
+            def __call__(self, event: Event) -> None:
+                if not (probe.on and isinstance(event, Delta) and event.token_ids):
+                    return inner(event)
+                k = probe.last_token
+                assert k is not None
+                probe._deltas.append(k)
+                probe.mark("emit_start", k)
+                inner(event)
+                probe.mark("emit_end", k)
+
+            def wait_taken(self, timeout_s: float) -> bool:
+                if probe.variant == "nowait":
+                    return True
+                t0 = ns()
+                taken = inner.wait_taken(timeout_s)
+                probe.mark("wait_start", probe.last_token, t0)
+                probe.mark("wait_end", probe.last_token)
+                if taken:  # the frame of the token just sampled is out
+                    probe.mark("taken", probe.last_token)
+                return taken
+
+        return Timed()
 
     # -- event loop ------------------------------------------------------------------------------
 

@@ -75,7 +75,7 @@ STEP = [
     S("sink", "sink: call_soon_threadsafe", "decode", "emit_start", "emit_end"),
     S(
         "next_step",
-        "rest of the step, to the next llama_decode",
+        "rest of the step, to the next llama_decode (with the wait below)",
         "decode",
         "emit_end",
         "+decode_start",
@@ -96,6 +96,26 @@ LOOP = [
     ),
     S("syscall", "of which transport.write (the send syscall)", "loop", "wire", "written"),
 ]
+# The decode thread's wait for the event loop to take a token's frame before the next step
+# (EventSink.wait_taken), inside "rest of the step" (no wait when llama.cpp runs fewer threads
+# than there are cores); then, for frames the wait saw taken, how long before the next
+# llama_decode the frame had left: positive, it never shares the cores with a step.
+HANDOVER = [
+    S(
+        "wait",
+        "of which: waiting for the loop to take the frame",
+        "decode",
+        "wait_start",
+        "wait_end",
+    ),
+    S(
+        "sent_ahead",
+        "frame sent (uvicorn's send returned) → next llama_decode",
+        "loop",
+        "asgi_sent",
+        "+decode_start",
+    ),
+]
 ROUND_FIGURES = ("decode", "step", "client_iti", "latency", "loop_busy")
 
 
@@ -112,8 +132,10 @@ def per_token(marks: dict[str, dict[int, int]], tokens: list[int]) -> list[dict[
         if k == 0:
             continue
         row: dict[str, float] = {}
-        for s in [*LATENCY, *STEP, LATENCY_TOTAL, STEP_TOTAL, *LOOP]:
+        for s in [*LATENCY, *STEP, LATENCY_TOTAL, STEP_TOTAL, *LOOP, *HANDOVER]:
             ta, tb = _at(marks, s.start, k), _at(marks, s.end, k)
+            if s.key == "sent_ahead" and _at(marks, "taken", k) is None:
+                continue
             if ta is not None and tb is not None:
                 row[s.key] = (tb - ta) / 1e3
         prev, this = _at(marks, "client", k - 1), _at(marks, "client", k)
@@ -232,6 +254,7 @@ def report(acc: Accumulated) -> dict[str, Any]:
         "latency_path": stages(LATENCY),
         "decode_step": stages(STEP),
         "event_loop": stages(LOOP),
+        "handover": stages(HANDOVER),
         "per_token_totals": {
             s.key: _stats([r[s.key] for r in acc.rows if s.key in r])
             for s in (LATENCY_TOTAL, STEP_TOTAL)
@@ -291,6 +314,7 @@ def markdown(rep: dict[str, Any]) -> str:
         f"| decode thread, per token | {head} |",
         f"|---|{bar}",
         *(f"| {s.label} | {us('decode_step', s.key)} |" for s in STEP),
+        *(f"| {s.label} | {us('handover', s.key)} |" for s in HANDOVER),
         f"| **{STEP_TOTAL.label}** | {us('per_token_totals', 'step')} |",
         "",
         "| per round (median over its tokens): median (min–max) of rounds | "

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncGenerator
@@ -37,11 +38,51 @@ from server.metrics import Metrics
 log = logging.getLogger("codeserve.requests")
 
 
+class Handover:
+    """How far a request's consumer is behind its engine: events handed over on the engine's
+    thread, events taken (formatted and written) on the loop. Backs ``EventSink.wait_taken``."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._handed = 0
+        self._taken = 0
+        self._gone = False
+        self._lagging = False
+
+    def handed(self) -> None:
+        with self._cond:
+            self._handed += 1
+
+    def took(self) -> None:
+        with self._cond:
+            self._taken += 1
+            if self._taken >= self._handed:
+                self._lagging = False
+                self._cond.notify_all()
+
+    def gone(self) -> None:
+        """The consumer left: nothing more will be taken, nobody should wait for it."""
+        with self._cond:
+            self._gone = True
+            self._cond.notify_all()
+
+    def wait_taken(self, timeout_s: float) -> bool:
+        with self._cond:
+            if self._lagging and self._taken < self._handed:
+                return False  # still behind since a wait ran out: not worth another
+            caught_up = self._cond.wait_for(
+                lambda: self._gone or self._taken >= self._handed, timeout_s
+            )
+            self._lagging = not caught_up
+            return caught_up
+
+
 @dataclass(eq=False)
 class Job:
     request: Request
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    handover: Handover = field(default_factory=Handover)
     handle: Handle | None = None
     ended: bool = False
     stopped_by_shutdown: bool = False
@@ -120,6 +161,7 @@ class ModelWorker:
                 elif isinstance(event, Delta) and event.token_ids:
                     token_times.append((time.perf_counter(), len(event.token_ids)))
                 yield event
+                job.handover.took()  # the consumer is back for more: that one is out
             if event.error is not None:
                 raise event.error
             if job.stopped_by_shutdown:
@@ -148,19 +190,19 @@ class ModelWorker:
                 self.metrics.record_generation(self.name, finished, ttft, gaps)
 
     def _start(self, job: Job) -> None:
-        loop = asyncio.get_running_loop()
-
-        def sink(event: Event) -> None:  # called on the engine's thread
-            self._inbox.append((job, event))
-            # Appended before the flag is read, and the drain clears the flag before it reads
-            # the inbox, so every event is drained by a call scheduled at or after its append.
-            if not self._drain_scheduled:
-                self._drain_scheduled = True
-                loop.call_soon_threadsafe(self._drain)
-
-        job.handle = self.engine.submit(job.request, sink)
+        job.handle = self.engine.submit(job.request, _JobSink(self, job))
         self._running.add(job)
         job.started.set()
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, job: Job, event: Event) -> None:
+        """On the engine's thread: queue an event for the loop, waking it once per batch."""
+        job.handover.handed()
+        self._inbox.append((job, event))
+        # Appended before the flag is read, and the drain clears the flag before it reads
+        # the inbox, so every event is drained by a call scheduled at or after its append.
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
         self._drain_scheduled = False
@@ -190,6 +232,7 @@ class ModelWorker:
     def _leave(self, job: Job) -> None:
         """The consumer is gone (done, failed or left): free the request's place now."""
         self.last_used = time.monotonic()
+        job.handover.gone()
         if job in self._waiting:
             self._waiting.remove(job)
         elif not job.ended and job.handle is not None:
@@ -220,6 +263,21 @@ class ModelWorker:
 
     def close(self) -> None:
         self.engine.close()
+
+
+class _JobSink:
+    """The ``EventSink`` the engine gets for one job."""
+
+    def __init__(self, worker: ModelWorker, job: Job):
+        self._worker = worker
+        self._job = job
+        self._loop = asyncio.get_running_loop()
+
+    def __call__(self, event: Event) -> None:
+        self._worker._hand_over(self._loop, self._job, event)
+
+    def wait_taken(self, timeout_s: float) -> bool:
+        return self._job.handover.wait_taken(timeout_s)
 
 
 def _log_request(model: str, label: str, job: Job, finished: list[Finished], outcome: str) -> None:

@@ -37,6 +37,8 @@ class FakeEngine:
     capacity: int = 1
     size_bytes: int = 1
     fail_after: int | None = None  # raise inside the engine after this many tokens
+    wait_taken_s: float | None = None  # after each token, wait this long for it to be taken
+    waits: list[tuple[float, float, bool]] = field(default_factory=list)  # start, end, taken
     info: ModelInfo = field(init=False)
     served: list[list[int]] = field(default_factory=list)
     running: int = 0  # requests inside the engine right now
@@ -89,6 +91,10 @@ class FakeEngine:
                 if self.fail_after is not None and n > self.fail_after:
                     raise RuntimeError("llama_decode returned -1")
                 sink(Delta(0, "t", (n,)))
+                if self.wait_taken_s is not None:
+                    t0 = time.perf_counter()
+                    taken = sink.wait_taken(self.wait_taken_s)
+                    self.waits.append((t0, time.perf_counter(), taken))
                 if handle.cancelled.is_set():
                     reason = "cancelled"
                     break

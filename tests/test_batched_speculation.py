@@ -20,6 +20,7 @@ import pytest
 
 from bench.speculative import derived_gguf
 from server.engine.base import (
+    CallbackSink,
     Delta,
     End,
     Finished,
@@ -190,7 +191,7 @@ def _greedy(engine: BatchedEngine, text: str, mode: str, max_tokens: int = 48) -
     req = GenerationRequest(
         prompt, max_tokens, SamplingParams(temperature=0), speculation=Speculation(mode=mode)
     )
-    engine.submit(req, events.put)
+    engine.submit(req, CallbackSink(events.put))
     out, cached = "", -1
     while not isinstance(ev := events.get(timeout=120), End):
         if isinstance(ev, Delta):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 
 from server.engine.base import Delta, Finished, GenerationRequest
 from server.errors import Overloaded, QueueTimeout, ShuttingDown
-from server.scheduler import ModelWorker
+from server.scheduler import Handover, ModelWorker
 from tests.fakes import FakeEngine
 
 
@@ -182,3 +183,68 @@ def test_drain_fails_the_waiting_and_stops_the_running_within_the_bound():
     assert isinstance(short, ShuttingDown)
     assert isinstance(running, ShuttingDown), "a stream cut by shutdown must end with an error"
     assert took < 1.0
+
+
+def test_an_engine_waiting_for_its_consumer_resumes_once_each_token_was_sent():
+    async def main():
+        engine = FakeEngine(token_s=0.001, wait_taken_s=5.0)
+        w = ModelWorker("m", engine, queue_size=8, queue_timeout_s=5)
+        sent = []
+        async for ev in w.stream(req(0, 5)):
+            if isinstance(ev, Delta):
+                await asyncio.sleep(0.02)  # formatting and writing it
+                sent.append(time.perf_counter())
+        w.close()
+        return engine.waits, sent
+
+    waits, sent = run(main())
+    assert len(waits) == len(sent) == 5
+    for (_, end, taken), t in zip(waits, sent, strict=True):
+        assert taken and end >= t
+
+
+def test_a_consumer_that_left_is_not_waited_for():
+    async def main():
+        engine = FakeEngine(token_s=0.001, wait_taken_s=5.0)
+        w = ModelWorker("m", engine, queue_size=8, queue_timeout_s=5)
+        stream = w.stream(req(0, 50))
+        await anext(stream)
+        await stream.aclose()  # the client left with tokens still being handed over
+        while engine.running:
+            await asyncio.sleep(0.01)
+        w.close()
+        return engine.waits
+
+    waits = run(main())
+    assert waits and all(end - start < 1.0 for start, end, _ in waits)
+
+
+def _took_later(h: Handover, delay_s: float) -> None:
+    threading.Timer(delay_s, h.took).start()
+
+
+def test_a_handover_waits_for_every_event_handed_over():
+    h = Handover()
+    assert h.wait_taken(0.0)  # nothing handed over yet
+    h.handed()
+    h.handed()
+    _took_later(h, 0.01)
+    _took_later(h, 0.03)
+    t0 = time.perf_counter()
+    assert h.wait_taken(5.0)
+    assert time.perf_counter() - t0 >= 0.03
+
+
+def test_a_consumer_that_fell_behind_is_not_waited_for_until_it_catches_up():
+    h = Handover()
+    h.handed()
+    assert not h.wait_taken(0.01)  # the consumer does not read
+    h.handed()
+    t0 = time.perf_counter()
+    assert not h.wait_taken(5.0)
+    assert time.perf_counter() - t0 < 0.5, "a lagging consumer costs one wait, not every one"
+    h.took()
+    h.took()  # caught up
+    h.handed()
+    _took_later(h, 0.01)
+    assert h.wait_taken(5.0)

@@ -6,6 +6,7 @@ import pytest
 
 from bench import tokenpath
 from bench.tokenpath_stages import LATENCY, LOOP, STEP, markdown
+from server.engine.batched import HANDOVER_WAIT_S
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +47,13 @@ def test_report_has_the_figures_the_note_quotes(rep):
     text = markdown({**rep, "command": "python -m bench.tokenpath"})
     assert "| **llama_decode returned → frame at the client** |" in text
     assert "served median | served p90 | basehttp median" in text
+
+
+def test_a_frame_the_engine_waited_for_left_before_the_next_step(rep):
+    rows = rep["_rows"]["served"]
+    waited = [r for r in rows if "wait" in r]  # none if llama.cpp ran fewer threads than cores
+    sent = [r for r in rows if "sent_ahead" in r]
+    assert len(sent) >= len(waited) / 2, "most waits ended with the frame taken"
+    for r in sent:
+        assert r["sent_ahead"] > 0, r
+        assert r["wait"] < (HANDOVER_WAIT_S + 0.010) * 1e6, r  # bounded (a wake-up may be late)

@@ -37,12 +37,12 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-# After a request's first token, a decode thread pauses this long before its next step when
-# llama.cpp's threads fill every core, so the event loop, woken by the hand-off, finds a free core
-# and the GIL and sends the token at once. Without the pause it waits for a scheduler slice
-# behind the compute threads: time to first token is what an editor feels, and the pause costs
-# the other streams half a millisecond once per request.
-# Measured: bench/results/2026-11-23-first-token-yield.md.
+# After a request's first token, the simple engine's decode thread pauses this long before its
+# next step when llama.cpp's threads fill every core, so the event loop, woken by the hand-off,
+# finds a free core and the GIL and sends the token at once. Without the pause it waits for a
+# scheduler slice behind the compute threads: time to first token is what an editor feels.
+# Measured: bench/results/2026-11-23-first-token-yield.md. (The batched engine waits for its
+# consumers to take what it handed over instead: EventSink.wait_taken.)
 FIRST_TOKEN_YIELD_S = 0.0005
 
 
@@ -180,7 +180,38 @@ class End:
 
 
 Event = Delta | Finished | Embedded | End
-EventSink = Callable[[Event], None]
+
+
+class EventSink(Protocol):
+    """Where a request's events go. The engine calls it from its own thread."""
+
+    def __call__(self, event: Event) -> None: ...
+
+    def wait_taken(self, timeout_s: float) -> bool:
+        """Wait, at most ``timeout_s``, until the consumer has taken every event handed over so
+        far (a streamed frame: written to its socket); whether it had.
+
+        An engine whose compute threads fill every core waits here before its next step, so
+        the event loop formats and sends on a free core instead of preempting a compute thread
+        mid-step (where the others wait for it at their next barrier). A consumer that fell
+        behind (a client that does not read) is not waited for again until it catches up."""
+        ...
+
+
+class CallbackSink:
+    """An ``EventSink`` for a function that takes each event as it is called (tests, benches,
+    in-process callers): nothing handed over is ever left to take."""
+
+    def __init__(self, take: Callable[[Event], object]):
+        self._take = take
+
+    def __call__(self, event: Event) -> None:
+        self._take(event)
+
+    def wait_taken(self, timeout_s: float) -> bool:
+        return True
+
+
 Request = GenerationRequest | EmbeddingRequest
 
 

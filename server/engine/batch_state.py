@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.base import End, Event, EventSink, GenerationRequest
+from server.engine.base import End, Event, GenerationRequest
 from server.engine.batch_draft_model import ModelDrafts
 from server.engine.batch_drafts import SequenceDrafts
 from server.engine.frames import Frames
@@ -49,7 +49,7 @@ class Group:
 
     req: GenerationRequest
     cancelled: Callable[[], bool]
-    emit: EventSink
+    emit: Callable[[Event], None]  # into the engine's outbox
     ended: bool = False
     t0: float = field(default_factory=time.perf_counter)
     base_seed: int = 0

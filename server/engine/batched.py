@@ -36,7 +36,6 @@ from server.engine.base import (
     Request,
     available_cores,
     ggml_kv_type,
-    pause_for_first_token,
 )
 from server.engine.batch_admission import Admission
 from server.engine.batch_choices import ChoiceTokens
@@ -57,6 +56,10 @@ log = logging.getLogger(__name__)
 # How long the engine rests before it packs a spread-out KV buffer (SlotCaches.pack): the last
 # answers are sent by then, and a request arriving while it packs waits a few milliseconds.
 PACK_AFTER_S = 0.05
+
+# The longest a step waits, per consumer, for what the last one handed over to be taken (_flush):
+# a frame costs the event loop a few hundred microseconds, and a stalled consumer costs this once.
+HANDOVER_WAIT_S = 0.002
 
 
 class BatchedEngine:
@@ -246,7 +249,6 @@ class BatchedEngine:
                     self._flush()
                 if self._admit():
                     self._flush()
-                    pause_for_first_token(self._ctx.threads[0])
                 self._step()
             except Exception as e:  # a failed decode fails the requests in it, not the server
                 log.exception("batched decode step failed")
@@ -263,12 +265,19 @@ class BatchedEngine:
     def _flush(self) -> None:
         """Hand the events gathered since the last call to their sinks.
 
-        Called right before llama_decode, which releases the GIL for the whole step: the event
-        loop woken by the hand-off then formats and sends while the step computes, instead of
-        contending for the GIL with this thread's sampling and batch building."""
+        Called right before llama_decode, so the event loop woken by the hand-off formats and
+        sends while this thread waits rather than contend for the GIL with its sampling and batch
+        building. When llama.cpp's threads fill every core, the step waits until the consumers
+        have taken the events (a bounded wait): the loop then runs on a free core instead of
+        preempting a compute thread mid-step, which stalls the others at their next barrier."""
         out, self._outbox = self._outbox, []
         for sink, event in out:
             sink(event)
+        if out and self._ctx.threads[0] >= available_cores():
+            sinks = dict.fromkeys(sink for sink, _ in out)
+            deadline = time.perf_counter() + HANDOVER_WAIT_S * len(sinks)
+            for sink in sinks:
+                sink.wait_taken(max(0.0, deadline - time.perf_counter()))
 
     def _admit(self) -> bool:
         """Start what waits while slots are free; whether one had its first token already."""
@@ -351,11 +360,9 @@ class BatchedEngine:
                 else:
                     self._choices.next(owner, i)
         self._retire()
-        if not entries or not self._groups:  # no next step to overlap with: send now
+        # Now, not before the next step: when none follows, or a first token waits to go out.
+        if not entries or not self._groups or first_token:
             self._flush()
-        elif first_token:
-            self._flush()
-            pause_for_first_token(self._ctx.threads[0])
 
     def _send_held(self) -> None:
         self._choices.send_held([c for g in self._groups for c in g.choices if c.state == "decode"])
