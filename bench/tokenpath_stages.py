@@ -292,7 +292,9 @@ def markdown(rep: dict[str, Any]) -> str:
 
     def us(section: str, key: str) -> str:
         cells = (variants[v][section][key] for v in names)
-        return " | ".join(f"{c['median_us']:.0f} | {c['p90_us']:.0f}" for c in cells)
+        return " | ".join(
+            f"{c['median_us']:.0f} | {c['p90_us']:.0f}" if c["n"] else "– | –" for c in cells
+        )
 
     lines = [
         f"### Per-token path: {model['name']} ({model['file']}, {model['engine']}) on "

@@ -5,7 +5,8 @@ engine calls ``sink`` from its own thread: for a ``GenerationRequest`` (prompt t
 stop strings, n, constraints) ``Delta`` events (released text with its tokens) and one ``Finished``
 per choice; for an ``EmbeddingRequest`` one ``Embedded`` per input; then always one ``End``
 (carrying the error if the engine failed). Text is released only once it cannot be the start of a
-stop string, so deltas concatenate to the final text exactly.
+stop string, so deltas concatenate to the final text exactly. ``sink.wait_taken`` tells the engine
+when the consumer has taken what it was handed, so a step need not share the cores with it.
 """
 
 from __future__ import annotations
