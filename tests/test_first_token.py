@@ -1,8 +1,8 @@
 """A request's tokens are handed over before the engine's next step takes every core.
 
 With llama.cpp's threads on all cores, the event loop that sends a token would wait behind them
-for a scheduler slice, or preempt one mid-step. The simple engine pauses after a first token; the
-batched engine starts each step once its consumers have taken what it handed over.
+for a scheduler slice, or preempt one mid-step. Both engines start a step once their consumers
+have taken what they handed over (EventSink.wait_taken), a first token included.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from server.engine.base import (
-    FIRST_TOKEN_YIELD_S,
     Delta,
     End,
     Engine,
@@ -55,30 +56,6 @@ def _all_cores(registry):
     )
 
 
-def test_the_simple_engine_pauses_after_a_first_token(model_path, registry):
-    steps: list[float] = []
-    engine = _simple(model_path, _all_cores(registry), steps)
-    events: list[tuple[float, Event]] = []
-    done = threading.Event()
-
-    def sink(event: Event) -> None:
-        events.append((time.perf_counter(), event))
-        if isinstance(event, End):
-            done.set()
-
-    try:
-        prompt = engine.tokenize("def fibonacci(n):\n", add_bos=True)
-        engine.submit(GenerationRequest(prompt, 6, sampling=SamplingParams(temperature=0)), sink)
-        assert done.wait(60)
-    finally:
-        engine.close()
-    deltas = [t for t, e in events if isinstance(e, Delta) and e.token_ids]
-    assert len(deltas) >= 2 and isinstance(events[-1][1], End)
-    after_first = [t for t in steps if t > deltas[0]]
-    assert after_first, "the step after the first token never ran"
-    assert after_first[0] - deltas[0] >= FIRST_TOKEN_YIELD_S
-
-
 class _SlowConsumer:
     """An EventSink whose consumer, on a thread of its own, takes each event a millisecond after
     it was handed over (formatting and sending it, as the event loop does)."""
@@ -110,11 +87,10 @@ class _SlowConsumer:
                 return
 
 
-def test_the_batched_engine_steps_once_its_consumer_took_the_last_steps_tokens(
-    model_path, registry
-):
+@pytest.mark.parametrize("make", [_batched, _simple], ids=["batched", "simple"])
+def test_an_engine_steps_once_its_consumer_took_the_last_steps_tokens(make, model_path, registry):
     steps: list[float] = []
-    engine = _batched(model_path, _all_cores(registry), steps)
+    engine = make(model_path, _all_cores(registry), steps)
     sink = _SlowConsumer()
     try:
         prompt = engine.tokenize("def fibonacci(n):\n", add_bos=True)

@@ -6,7 +6,7 @@ import pytest
 
 from bench import tokenpath
 from bench.tokenpath_stages import LATENCY, LOOP, STEP, markdown
-from server.engine.batched import HANDOVER_WAIT_S
+from server.engine.base import HANDOVER_WAIT_S
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -38,19 +38,23 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-# After a request's first token, the simple engine's decode thread pauses this long before its
-# next step when llama.cpp's threads fill every core, so the event loop, woken by the hand-off,
-# finds a free core and the GIL and sends the token at once. Without the pause it waits for a
-# scheduler slice behind the compute threads: time to first token is what an editor feels.
-# Measured: bench/results/2026-11-23-first-token-yield.md. (The batched engine waits for its
-# consumers to take what it handed over instead: EventSink.wait_taken.)
-FIRST_TOKEN_YIELD_S = 0.0005
+# The longest an engine waits, per consumer, for what it handed over to be taken before its next
+# step (await_taken): a frame costs the event loop a few hundred microseconds, and a stalled
+# consumer costs this once. Measured: bench/results/2026-11-24-handover.md.
+HANDOVER_WAIT_S = 0.002
 
 
-def pause_for_first_token(threads: int) -> None:
-    """Let the event loop send a first token before ``threads`` compute threads take the cores."""
-    if threads >= available_cores():
-        time.sleep(FIRST_TOKEN_YIELD_S)
+def await_taken(sinks: Iterable[EventSink], threads: int) -> None:
+    """Before a step on ``threads`` compute threads that fill every core: wait (bounded) until the
+    consumers have taken what they were handed, so the event loop formats and sends on a free core
+    instead of preempting a compute thread mid-step, where the others wait for it at the next
+    barrier. A first token goes out before the next step the same way."""
+    if threads < available_cores():
+        return
+    sinks = list(sinks)
+    deadline = time.perf_counter() + HANDOVER_WAIT_S * len(sinks)
+    for sink in sinks:
+        sink.wait_taken(max(0.0, deadline - time.perf_counter()))
 
 
 def ggml_kv_type(kv_cache: str) -> int:

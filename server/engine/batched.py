@@ -35,6 +35,7 @@ from server.engine.base import (
     EventSink,
     Request,
     available_cores,
+    await_taken,
     ggml_kv_type,
 )
 from server.engine.batch_admission import Admission
@@ -56,10 +57,6 @@ log = logging.getLogger(__name__)
 # How long the engine rests before it packs a spread-out KV buffer (SlotCaches.pack): the last
 # answers are sent by then, and a request arriving while it packs waits a few milliseconds.
 PACK_AFTER_S = 0.05
-
-# The longest a step waits, per consumer, for what the last one handed over to be taken (_flush):
-# a frame costs the event loop a few hundred microseconds, and a stalled consumer costs this once.
-HANDOVER_WAIT_S = 0.002
 
 
 class BatchedEngine:
@@ -273,11 +270,8 @@ class BatchedEngine:
         out, self._outbox = self._outbox, []
         for sink, event in out:
             sink(event)
-        if out and self._ctx.threads[0] >= available_cores():
-            sinks = dict.fromkeys(sink for sink, _ in out)
-            deadline = time.perf_counter() + HANDOVER_WAIT_S * len(sinks)
-            for sink in sinks:
-                sink.wait_taken(max(0.0, deadline - time.perf_counter()))
+        if out:
+            await_taken(dict.fromkeys(sink for sink, _ in out), self._ctx.threads[0])
 
     def _admit(self) -> bool:
         """Start what waits while slots are free; whether one had its first token already."""

@@ -41,8 +41,8 @@ from server.engine.base import (
     Timings,
     TokenLogprob,
     available_cores,
+    await_taken,
     open_llama,
-    pause_for_first_token,
 )
 from server.engine.devices import list_devices, report_load
 from server.engine.drafters import DraftModel, check_same_vocabulary
@@ -138,12 +138,10 @@ class LlamaEngine:
         while (job := self._jobs.get()) is not None:
             request, sink, handle = job
             try:
-                first = True
                 for event in self.generate(request, handle.is_set):
                     sink(event)
-                    if first and isinstance(event, Delta):
-                        first = False
-                        pause_for_first_token(self._threads)
+                    if isinstance(event, Delta):  # sent before the next step, not during it
+                        await_taken([sink], self._threads)
             except Exception as e:
                 log.exception("generation failed on model %s", self.cfg.name)
                 sink(End(e))
