@@ -9,30 +9,12 @@ loopback; a consumer that blocks outright is tests/test_scheduler.py's, with a f
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
 
-from tests.conftest import LiveServer
-
 TOKENS = 300
-
-
-def _request(server: LiveServer, body: dict) -> bytes:
-    raw = json.dumps(body).encode()
-    return (
-        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode() + raw
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    sock.settimeout(120)
-    got = bytearray()
-    while chunk := sock.recv(65536):
-        got += chunk
-    return bytes(got)
 
 
 def test_a_client_that_stops_reading_holds_up_no_other_stream_and_loses_nothing(
@@ -41,21 +23,22 @@ def test_a_client_that_stops_reading_holds_up_no_other_stream_and_loses_nothing(
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
     stalled.connect(("127.0.0.1", server.port))
+    stalled.settimeout(120)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port)
+    conn.sock = stalled  # http.client uses the connected socket as it is
     # Five alternatives per token: frames of ~300 bytes, some 90 KB in all.
-    stalled.sendall(
-        _request(
-            server,
-            {
-                "prompt": "def parse(line):",
-                "max_tokens": TOKENS,
-                "ignore_eos": True,
-                "temperature": 0,
-                "logprobs": 5,
-                "stream": True,
-            },
-        )
-    )
+    body = {
+        "prompt": "def parse(line):",
+        "max_tokens": TOKENS,
+        "ignore_eos": True,
+        "temperature": 0,
+        "logprobs": 5,
+        "stream": True,
+    }
     try:
+        conn.request(
+            "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
         time.sleep(1.0)
         t0 = time.perf_counter()
         stream = openai_client.completions.create(
@@ -72,13 +55,13 @@ def test_a_client_that_stops_reading_holds_up_no_other_stream_and_loses_nothing(
         assert chunks[-1].choices[0].finish_reason == "length"
         assert elapsed < 30, elapsed
 
-        body = _read_all(stalled)  # reading again: the whole stream is there, well formed
+        response = conn.getresponse()  # reading again: the whole stream is there, well formed
+        status, text = response.status, response.read()
     finally:
-        stalled.close()
-    # One HTTP chunk per SSE event, so no event is split by the chunked framing between them.
-    lines = (line.strip() for line in body.split(b"\n"))
+        conn.close()
+    lines = (line.strip() for line in text.split(b"\n"))
     events = [line[len(b"data: ") :] for line in lines if line.startswith(b"data: ")]
-    assert body.startswith(b"HTTP/1.1 200") and events[-1] == b"[DONE]"
+    assert status == 200 and events[-1] == b"[DONE]"
     frames = [json.loads(e) for e in events[:-1]]
     tokens = sum(
         len(c["logprobs"]["tokens"]) for f in frames for c in f["choices"] if c.get("logprobs")
