@@ -310,6 +310,7 @@ class ModelManager:
                     "prompt_cache_bytes": cache.bytes_held,
                     "prompt_cache_hits": cache.hits,
                     "prompt_cache_misses": cache.misses,
+                    "kv_packs": cache.kv_packs,
                     "cpu_threads": w.engine.cpu_threads(),
                 }
             )

@@ -181,6 +181,12 @@ class _LiveState(Collector):
             "Long prompts evaluated cold: no slot and no saved state shared a long prefix",
             "prompt_cache_misses",
         ),
+        (
+            "codeserve_kv_packs",
+            "Times the batched engine packed its KV buffer into one run of cells per sequence "
+            "(after a burst, and between steps once many cells were decoded side by side)",
+            "kv_packs",
+        ),
     )
 
     def __init__(self, state: Callable[[], list[dict[str, Any]]]):

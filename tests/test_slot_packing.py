@@ -1,18 +1,24 @@
-"""Packing idle caches back to the start of the shared KV buffer once a burst has left holes."""
+"""Packing the shared KV buffer: idle caches back to its start once a burst has left holes, and
+every slot into a run of its own once sequences decoding together have interleaved their cells."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
+
+import pytest
 
 from server.engine.batch_state import Slot
 from server.engine.batched import PACK_AFTER_S, BatchedEngine
 from server.engine.model import Model
 from server.engine.prompt_cache import PromptCache
-from server.engine.slot_cache import PACK_SLACK, SlotCaches
+from server.engine.slot_cache import PACK_INTERLEAVED, PACK_SLACK, SlotCaches
 from server.scheduler import ModelWorker
 from tests.conftest import greedy_run
+from tests.test_batched import PROMPTS, first_divergence_gap
+from tests.test_lifecycle import metric
 
 
 class RecordingContext:
@@ -82,6 +88,67 @@ def test_a_cache_that_does_not_come_back_is_dropped_not_kept_as_a_ghost():
     after = ctx.calls[ctx.calls.index(("restore", 2)) + 1]
     assert slots[2].tokens == [] and after == ("rm", 2)
     assert len(slots[0].tokens) == 40
+
+
+def test_busy_slots_are_packed_first_each_into_one_run():
+    ctx = RecordingContext()
+    c, slots = caches(ctx, [40, 60, 50, 30])
+    slots[1].busy = slots[3].busy = True
+    c.pack()
+    restored = [seq for op, seq in ctx.calls if op == "restore"]
+    assert restored == [3, 1, 2, 0]  # busy (recent first), then idle most recently used first
+    assert [len(s.tokens) for s in slots] == [40, 60, 50, 30] and c.packs == 1
+
+
+def test_a_busy_sequence_that_does_not_come_back_fails_rather_than_decode_without_cells():
+    c, slots = caches(RecordingContext(fail=frozenset({1})), [40, 60])
+    slots[1].busy = True
+    with pytest.raises(RuntimeError, match="sequence 1"):
+        c.pack()
+
+
+def test_packing_between_steps_waits_for_enough_interleaved_cells():
+    c, _ = caches(RecordingContext(), [100] * 8)
+    for _ in range(40):
+        c.note_step(1, 1)  # a lone sequence lays its cells in a run
+    assert not c.interleaved()
+    steps = PACK_INTERLEAVED // 8
+    for _ in range(steps - 1):
+        c.note_step(8, 8)
+    assert not c.interleaved()
+    c.note_step(8, 8)
+    assert c.interleaved()
+    c.pack()
+    assert not c.interleaved()
+    # Copies cost in proportion to what the slots hold: with more held, packs come later.
+    big, _ = caches(RecordingContext(), [2000] * 8)
+    for _ in range(steps):
+        big.note_step(8, 8)
+    assert not big.interleaved()
+
+
+@pytest.mark.model
+def test_streams_packed_while_they_decode_keep_their_text(server):
+    import openai
+
+    oc = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    body = {"model": "smollm2-135m", "max_tokens": 48, "temperature": 0, "logprobs": 2}
+    prompts = PROMPTS[:6]
+    alone = [oc.completions.create(prompt=p, **body).choices[0].model_dump() for p in prompts]
+    packs = metric(server.url, "codeserve_kv_packs_total", model="smollm2-135m")
+
+    def together(p: str) -> list[str]:
+        out = oc.completions.create(prompt=p, stream=True, **body)
+        return [t for chunk in out for c in chunk.choices if c.logprobs for t in c.logprobs.tokens]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        streamed = list(pool.map(together, prompts))
+    # Six sequences decoding side by side interleave 6 cells a step: packed at least once.
+    assert metric(server.url, "codeserve_kv_packs_total", model="smollm2-135m") > packs
+    gaps = [first_divergence_gap(a, t) for a, t in zip(alone, streamed, strict=True)]
+    # Packing moves cells, not their contents; what batching does to logits stays (test_batched).
+    assert all(g is None or g < 0.3 for g in gaps), list(zip(gaps, alone, streamed, strict=True))
+    assert any(g is None for g in gaps), gaps
 
 
 def test_after_a_burst_the_idle_engine_packs_and_its_caches_still_answer(model_path, registry):

@@ -259,11 +259,13 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class CacheStats:
-    """The host-RAM prompt cache of an engine (all zero for engines without one)."""
+    """The host-RAM prompt cache of an engine and how often it repacked its KV buffer (all zero
+    for engines without them)."""
 
     bytes_held: int = 0
     hits: int = 0
     misses: int = 0
+    kv_packs: int = 0  # times its KV cells were packed into one run per sequence
 
 
 class Engine(Protocol):

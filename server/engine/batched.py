@@ -175,7 +175,7 @@ class BatchedEngine:
 
     def cache_stats(self) -> CacheStats:
         c = self.prompt_cache
-        return CacheStats(c.bytes_held, c.hits, c.misses)
+        return CacheStats(c.bytes_held, c.hits, c.misses, self._caches.packs)
 
     def cpu_threads(self) -> int:
         return self._ctx.threads[0]
@@ -357,6 +357,11 @@ class BatchedEngine:
         # Now, not before the next step: when none follows, or a first token waits to go out.
         if not entries or not self._groups or first_token:
             self._flush()
+        if entries:
+            self._caches.note_step(len(decoding), decode_entries)
+            if self._groups and self._caches.interleaved():
+                self._flush()  # what this step produced goes out while the cells are copied
+                self._caches.pack()
 
     def _send_held(self) -> None:
         self._choices.send_held([c for g in self._groups for c in g.choices if c.state == "decode"])

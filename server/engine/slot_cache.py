@@ -29,6 +29,12 @@ IDLE_CELLS = 512
 # once the cells it could free above them number at least this many and at least as many as they
 # hold (llama.cpp pads the attention span to 256 cells).
 PACK_SLACK = 256
+# Sequences decoding together get their new cells side by side, a cell each per step, and
+# attention over cells interleaved that way is slower than over a sequence's own run of cells
+# (bench/results/2026-11-24-kv-interleave.md). Packing every slot, the busy ones too, makes each
+# a run again; it pays once this many cells were interleaved and an eighth of those held (the
+# copies cost in proportion to the cells held).
+PACK_INTERLEAVED = 128
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class SlotCaches:
         self._n_batch = n_batch
         self._shift_cost = chunk_reuse.ShiftCost()
         self._peak = 0  # the most cells the slots held at once since the buffer was last packed
+        self._interleaved = 0  # cells decoded beside other sequences' since the last pack
+        self.packs = 0
 
     def place(
         self,
@@ -177,21 +185,36 @@ class SlotCaches:
         held = self._held()
         return self._peak - held >= max(held, PACK_SLACK)
 
+    def note_step(self, sequences: int, cells: int) -> None:
+        """A step decoded ``cells`` new cells for ``sequences`` decoding sequences."""
+        if sequences > 1:
+            self._interleaved += cells
+
+    def interleaved(self) -> bool:
+        """Whether packing the busy slots' cells into runs pays (see PACK_INTERLEAVED)."""
+        return self._interleaved >= max(PACK_INTERLEAVED, self._held() // 8)
+
     def pack(self) -> None:
-        """With no request running: save every slot's cache, free them all, and restore them,
-        most recently used first, into the lowest cells (what a few cells left high cost every
-        step: bench/results/2026-11-23-kv-spread.md)."""
-        kept = [s for s in sorted(self._slots, key=lambda s: -s.released) if s.tokens]
-        assert not any(s.busy for s in kept)
+        """Save every slot's cache, free them all, and restore them into the lowest cells, each
+        a run of its own: the busy slots first, then the idle ones most recently used first.
+        Idle, this takes back what a few cells left high cost every step
+        (bench/results/2026-11-23-kv-spread.md); between steps, what interleaving costs. Must run
+        right after a decode: a state saved with a move pending would lose the move."""
+        kept = sorted((s for s in self._slots if s.tokens), key=lambda s: (not s.busy, -s.released))
         states = [(s, self._ctx.save_seq(s.seq_id)) for s in kept]
         for s, _ in states:
             self._ctx.seq_rm(s.seq_id, -1, -1)
         for s, state in states:
-            if not self._ctx.restore_seq(s.seq_id, state):
-                log.warning("could not restore an idle cache while packing (%d bytes)", len(state))
-                self._ctx.seq_rm(s.seq_id, -1, -1)
-                s.tokens = []
+            if self._ctx.restore_seq(s.seq_id, state):
+                continue
+            self._ctx.seq_rm(s.seq_id, -1, -1)
+            s.tokens = []
+            if s.busy:  # its request cannot go on without its cells
+                raise RuntimeError(f"could not restore sequence {s.seq_id} while packing")
+            log.warning("could not restore an idle cache while packing (%d bytes)", len(state))
         self._peak = self._held()
+        self._interleaved = 0
+        self.packs += 1
 
     def _held(self) -> int:
         return sum(len(s.tokens) for s in self._slots)
