@@ -151,6 +151,19 @@ def test_streams_packed_while_they_decode_keep_their_text(server):
     assert any(g is None for g in gaps), gaps
 
 
+@pytest.mark.model
+def test_choices_sharing_their_prompts_cells_are_not_packed_apart(server):
+    import openai
+
+    oc = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    packs = metric(server.url, "codeserve_kv_packs_total", model="smollm2-135m")
+    out = oc.completions.create(
+        model="smollm2-135m", prompt=PROMPTS[0], n=6, max_tokens=48, temperature=0.9, seed=3
+    )
+    assert len(out.choices) == 6
+    assert metric(server.url, "codeserve_kv_packs_total", model="smollm2-135m") == packs
+
+
 def test_after_a_burst_the_idle_engine_packs_and_its_caches_still_answer(model_path, registry):
     cfg = registry.models["smollm2-135m"].model_copy(update={"n_ctx": 1024})
     engine = BatchedEngine(Model.load(model_path, cfg), slots=4, prompt_cache_mb=64)

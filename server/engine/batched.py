@@ -359,7 +359,9 @@ class BatchedEngine:
             self._flush()
         if entries:
             self._caches.note_step(len(decoding), decode_entries)
-            if self._groups and self._caches.interleaved():
+            # A request's choices share their prompt's cells; packed, each would get a copy.
+            one_each = all(g.req.n == 1 for g in self._groups)
+            if self._groups and one_each and self._caches.interleaved():
                 self._flush()  # what this step produced goes out while the cells are copied
                 self._caches.pack()
 
