@@ -39,6 +39,23 @@ def token_counter(gguf: Path, *, prompt: bool = True) -> Callable[[str], int]:
     return lambda text: len(vocab.tokenize(text.encode(), add_bos=prompt, special=prompt))
 
 
+def engine_context(model: Any, cells: int = 8192, n_seq: int = 8) -> Any:
+    """The batched engine's llama.cpp context as the in-process benches build it for a loaded
+    ``Model``: ``n_seq`` sequences of ``cells`` cells, the model's KV type, flash attention, 2
+    threads, batches of 512."""
+    from server.engine.binding import BatchContext
+
+    return BatchContext(
+        model.weights,
+        n_ctx=cells * n_seq,
+        n_seq=n_seq,
+        n_batch=512,
+        threads=2,
+        kv_type=ggml_kv_type(model.cfg.kv_cache),
+        flash_attn=True,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

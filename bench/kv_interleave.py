@@ -74,9 +74,8 @@ def _token(seq: int, i: int) -> int:
 
 
 def measure(path: Path, requests: int, rounds: int) -> list[dict[str, float]]:
-    from server.engine.base import ggml_kv_type
+    from bench.harness import engine_context
     from server.engine.batch_state import Slot
-    from server.engine.binding import BatchContext
     from server.engine.model import Model
     from server.engine.prompt_cache import PromptCache
     from server.engine.slot_cache import SlotCaches
@@ -87,15 +86,7 @@ def measure(path: Path, requests: int, rounds: int) -> list[dict[str, float]]:
     model = Model.load(path, cfg)
 
     def workload(packed: bool) -> _Workload:
-        ctx = BatchContext(
-            model.weights,
-            n_ctx=8192 * _SLOTS,
-            n_seq=_SLOTS,
-            n_batch=512,
-            threads=2,
-            kv_type=ggml_kv_type(cfg.kv_cache),
-            flash_attn=True,
-        )
+        ctx = engine_context(model, n_seq=_SLOTS)
         slots = [Slot(i) for i in range(_SLOTS)]
         caches = SlotCaches(ctx, model, slots, PromptCache(0), 512) if packed else None
         return _Workload(ctx, caches, slots, requests)

@@ -26,23 +26,14 @@ _VERIFY = (1, 2, 3, 5, 9)
 
 
 def spread_costs(path: Path, fills: list[int], reps: int = 5) -> list[tuple[str, dict[int, float]]]:
-    from server.engine.base import ggml_kv_type
-    from server.engine.binding import BatchContext
+    from bench.harness import engine_context
     from server.engine.model import Model
     from server.registry import load_registry
     from server.settings import StoreSettings
 
     cfg = load_registry(StoreSettings().models_file).default
     model = Model.load(path, cfg)
-    ctx = BatchContext(
-        model.weights,
-        n_ctx=8192 * 8,
-        n_seq=8,
-        n_batch=512,
-        threads=2,
-        kv_type=ggml_kv_type(cfg.kv_cache),
-        flash_attn=True,
-    )
+    ctx = engine_context(model)
     prompt = 300
     ctx.decode([(100 + i % 50, i, 0, i == prompt - 1) for i in range(prompt)])
 

@@ -27,9 +27,7 @@ _SEQS, _PROMPT, _STEPS = 8, 60, 6
 
 
 def measure(loads: list[float], sizes: list[int], rounds: int) -> dict:
-    from bench.harness import target
-    from server.engine.base import ggml_kv_type
-    from server.engine.binding import BatchContext
+    from bench.harness import engine_context, target
     from server.engine.cpu_share import CpuShare
     from server.engine.model import Model
     from server.registry import load_registry
@@ -38,15 +36,7 @@ def measure(loads: list[float], sizes: list[int], rounds: int) -> dict:
     t = target()
     cfg = load_registry(StoreSettings().models_file).models[t.name]
     model = Model.load(t.path, cfg)
-    ctx = BatchContext(
-        model.weights,
-        n_ctx=8192 * _SEQS,
-        n_seq=_SEQS,
-        n_batch=512,
-        threads=2,
-        kv_type=ggml_kv_type(cfg.kv_cache),
-        flash_attn=True,
-    )
+    ctx = engine_context(model, n_seq=_SEQS)
     for s in range(_SEQS):
         ctx.decode([(100 + s + i, i, s, i == _PROMPT - 1) for i in range(_PROMPT)])
     share = CpuShare(2)

@@ -151,6 +151,18 @@ def test_wrong_method_is_405_with_allow(client):
         assert {m.upper() for m in ops} <= allowed, (path, allowed)
 
 
+def test_openapi_documents_what_ollama_streams_answer(client):
+    # Each answers NDJSON unless the request says "stream": false (schemathesis' content-type
+    # check found /api/pull answering a type its document did not list).
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/api/generate", "/api/chat", "/api/pull"):
+        documented = set(paths[path]["post"]["responses"]["200"]["content"])
+        assert documented == {"application/json", "application/x-ndjson"}, (path, documented)
+    r = client.post("/api/pull", json={"model": "smollm2-135m", "stream": None})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+    assert r.text.splitlines()[-1] == '{"status":"success"}'
+
+
 def test_openapi_documents_400_envelopes_and_no_422(client):
     doc = client.get("/openapi.json").json()
     schemas = doc["components"]["schemas"]

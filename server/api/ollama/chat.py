@@ -14,6 +14,7 @@ from server.api.ollama import names
 from server.api.ollama.answer import Clock, answer, load_or_unload, refuse_common
 from server.api.ollama.options import parse_options
 from server.api.ollama.protocol import ChatChunk, ChatMessageOut, ChatRequest, Logprob
+from server.api.ollama.streaming import STREAMED
 from server.core.budget import completion_budget
 from server.core.chat import chat_prompt
 from server.engine.base import GenerationRequest
@@ -46,7 +47,7 @@ def _messages(body: ChatRequest) -> list[dict[str, str]]:
     return out
 
 
-@router.post("/api/chat", response_model=None)
+@router.post("/api/chat", response_model=None, responses=STREAMED)
 async def chat(body: ChatRequest, request: Request) -> Response | None:
     clock = Clock.starting()
     name = names.resolve(request.app.state.manager.registry, body.model)

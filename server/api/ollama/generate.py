@@ -14,6 +14,7 @@ from server.api.ollama import names
 from server.api.ollama.answer import Clock, answer, load_or_unload, refuse_common
 from server.api.ollama.options import Options, parse_options
 from server.api.ollama.protocol import GenerateChunk, GenerateRequest, Logprob
+from server.api.ollama.streaming import STREAMED
 from server.core.budget import completion_budget
 from server.core.chat import render_chat
 from server.core.fim_request import fim_prompt
@@ -54,7 +55,7 @@ def _prompt(engine: Engine, body: GenerateRequest, opts: Options, n_ctx: int) ->
     return before + engine.tokenize(body.prompt, add_bos=not before)
 
 
-@router.post("/api/generate", response_model=None)
+@router.post("/api/generate", response_model=None, responses=STREAMED)
 async def generate(body: GenerateRequest, request: Request) -> Response | None:
     clock = Clock.starting()
     name = names.resolve(request.app.state.manager.registry, body.model)

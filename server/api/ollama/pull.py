@@ -16,14 +16,14 @@ from fastapi.responses import Response
 from server.api.ollama import modelinfo, names
 from server.api.ollama.answer import one
 from server.api.ollama.protocol import Progress, PullRequest
-from server.api.ollama.streaming import ndjson
+from server.api.ollama.streaming import STREAMED, ndjson
 
 router = APIRouter()
 
 _HEARTBEAT_S = 2.0
 
 
-@router.post("/api/pull", response_model=None)
+@router.post("/api/pull", response_model=None, responses=STREAMED)
 async def pull(body: PullRequest, request: Request) -> Response:
     manager = request.app.state.manager
     name = names.resolve(manager.registry, body.model or body.name)

@@ -19,6 +19,14 @@ log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
 
+# The OpenAPI entry of a route that streams unless the request says "stream": false: both bodies.
+STREAMED: dict[int | str, dict[str, object]] = {
+    200: {
+        "description": 'One JSON object per line, or one object when "stream" is false',
+        "content": {NDJSON: {}, "application/json": {}},
+    }
+}
+
 
 def line(obj: BaseModel) -> bytes:
     return obj.model_dump_json(exclude_none=True).encode() + b"\n"
