@@ -5,7 +5,9 @@ prompt takes the free slot it can reuse most of (a common prefix, plus runs afte
 moved into place: server.engine.chunk_reuse), or a saved state from the host-RAM prompt cache
 (server.engine.prompt_cache) when that offers more. When a request starts, the other idle caches
 are saved to host RAM and their cells freed; with no host-RAM cache they stay in the KV buffer
-while they fit in a small budget of cells.
+while they fit in a small budget of cells. And where the slots' cells lie in the one KV buffer they
+share: packed into one run per slot after a burst has left holes, and between steps once sequences
+decoding together have interleaved theirs (SlotCaches.pack).
 """
 
 from __future__ import annotations
