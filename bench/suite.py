@@ -1,7 +1,8 @@
 """`codeserve bench`: codeserve against raw llama.cpp and the servers people run today.
 
-One run, interleaved (each round visits every peer, in rotating order) so drift on a shared
-machine hits all sides; medians with min/max; every figure also as a ratio to each baseline.
+One run, interleaved so drift on a shared machine hits all sides (each one-stream request visits
+every peer before the next request, each round of concurrent runs every peer, in rotating order);
+medians with min/max; every figure also as a ratio to each baseline.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from bench.harness import (
     token_counter,
 )
 from bench.raw import RawLlama
+
+# A pause before a request goes to another peer than the last one: llama.cpp's OpenMP threads spin
+# some milliseconds after a decode before they sleep (libgomp's default), and the next peer's
+# request should not share the cores with the last one's spinning threads.
+SETTLE_S = 0.02
 
 PEERS = ("codeserve", "codeserve-simple", "raw", "llama-cpp-python", "llama-server")
 # A trivial endpoint per peer, for the client's overhead check.
@@ -121,17 +127,23 @@ def run_suite(
             for peer, url in urls.items()
         }
         generated = token_counter(t.path, prompt=False)
+        prompt_tokens = token_counter(t.path)
+        runs = {
+            peer: partial(raw.stream, count=generated)
+            if peer == "raw"
+            else _http(urls[peer], t.name, generated)
+            for peer in peers
+        }
         for r in range(plan.rounds):
-            order = peers[r % len(peers) :] + peers[: r % len(peers)]
-            for peer in order:
-                bar.set_postfix_str(f"round {r + 1} {peer}")
-                run = (
-                    partial(raw.stream, count=generated)
-                    if peer == "raw"
-                    else _http(urls[peer], t.name, generated)
-                )
-                _single_stream(run, peer, plan, problems, res, token_counter(t.path), r)
-                bar.update()
+            bar.set_postfix_str(f"round {r + 1}, one stream")
+            for i, (figure, body) in enumerate(_single_stream_requests(plan, problems)):
+                # Every request visits every peer before the next one, the order rotating: a
+                # minute of drift on a shared machine falls on all of them alike.
+                k = (r + i) % len(peers)
+                for peer in peers[k:] + peers[:k]:
+                    time.sleep(SETTLE_S)
+                    _single_stream(runs[peer], peer, figure, body, plan, res, prompt_tokens, r)
+            bar.update(len(peers))
         bar.set_postfix_str("editor trace")
         editor = (
             editor_trace.measure(
@@ -194,24 +206,47 @@ def _http(url: str, model: str, count: Callable[[str], int]):
     return run
 
 
-def _single_stream(run, peer: str, plan: Plan, problems, res: Results, count, r: int) -> None:
-    for prompt in workloads.AUTOCOMPLETE + workloads.FIM_EDITS:
-        s = run(
+def _single_stream_requests(plan: Plan, problems) -> list[tuple[str, dict | None]]:
+    """A round of one-stream requests, each with the figure it gives: short autocomplete and
+    FIM prompts (first token), HumanEval prompts (decode), and a long prompt (prefill; None:
+    salted per peer when sent, so no server has it cached)."""
+    out: list[tuple[str, dict | None]] = [
+        (
+            "ttft_ms",
             {
                 "prompt": prompt,
                 "max_tokens": plan.autocomplete_tokens,
                 "temperature": 0,
                 "stop": workloads.STOPS,
-            }
+            },
         )
-        res.add(peer, "ttft_ms", s.ttft_s * 1e3)
+        for prompt in workloads.AUTOCOMPLETE + workloads.FIM_EDITS
+    ]
+    out += [
+        (
+            "decode_tok_s",
+            {"prompt": p.prompt, "max_tokens": plan.humaneval_tokens, "temperature": 0},
+        )
+        for p in problems
+    ]
+    out.append(("prefill_tok_s", None))
+    return out
+
+
+def _single_stream(
+    run, peer: str, figure: str, body: dict | None, plan: Plan, res: Results, count, r: int
+) -> None:
+    if body is None:
+        prompt = workloads.long_prompt(plan.prefill_chars, f"{peer}-{r}-{time.time_ns()}")
+        s = run({"prompt": prompt, "max_tokens": 1, "temperature": 0})
+        res.add(peer, figure, count(prompt) / s.ttft_s)
+        return
+    s = run(body)
+    if figure == "ttft_ms":
+        res.add(peer, figure, s.ttft_s * 1e3)
         res.latencies.setdefault(peer, []).append(s.latency_s)
-    for p in problems:
-        s = run({"prompt": p.prompt, "max_tokens": plan.humaneval_tokens, "temperature": 0})
-        res.add(peer, "decode_tok_s", s.decode_tok_s)
-    prompt = workloads.long_prompt(plan.prefill_chars, f"{peer}-{r}-{time.time_ns()}")
-    s = run({"prompt": prompt, "max_tokens": 1, "temperature": 0})
-    res.add(peer, "prefill_tok_s", count(prompt) / s.ttft_s)
+    else:
+        res.add(peer, figure, s.decode_tok_s)
 
 
 def _candidates(url: str | None, model: str, plan: Plan) -> dict:
