@@ -89,9 +89,8 @@ class ServerSettings(StoreSettings):
     stream_frame_ms: float = Field(
         30.0,
         ge=0,
-        description="after a stream's first token, tokens share a frame while the next one is "
-        "expected within this many milliseconds of the last frame (0: every token its own "
-        "frame); the batched engine",
+        description="after a stream's first token, tokens share a frame, none held longer than "
+        "this many milliseconds (0: every token its own frame); the batched engine",
     )
     prefill_chunk: int = Field(
         128, ge=16, description="prompt tokens per batched step while others are decoding"

@@ -144,14 +144,13 @@ class ChoiceTokens:
 
     def send_held(self, choices: list[Choice]) -> None:
         """Send the text the choices' streams hold now: a step that may run long comes next."""
-        now = time.perf_counter()
         for c in choices:
-            if (out := c.frames.before_long_step(now)) is not None:
+            if (out := c.frames.before_long_step()) is not None:
                 c.group.send(Delta(c.index, out.text, tuple(out.token_ids), tuple(out.logprobs)))
 
     def finish(self, c: Choice, reason: FinishReason) -> None:
         g = c.group
-        tail = c.frames.take(time.perf_counter())
+        tail = c.frames.take()
         if reason != "cancelled":
             tail.extend(c.releaser.finish())
         if tail:
