@@ -7,6 +7,7 @@ medians with min/max; every figure also as a ratio to each baseline.
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -308,6 +309,17 @@ def _variants(url: str | None, t: Target, variants: dict[str, dict], plan: Plan)
     return out
 
 
+def _paired(ours: dict[str, list[float]], theirs: dict[str, list[float]]) -> dict[str, float]:
+    """Per one-stream figure, the median of codeserve's value over the peer's request by request
+    (every request went to both within seconds, so the machine's drift cancels in each pair)."""
+    out = {}
+    for k, xs in ours.items():
+        pairs = [a / b for a, b in zip(xs, theirs.get(k, []), strict=False) if a == a and b == b]
+        if pairs and len(xs) == len(theirs[k]):
+            out[f"{k} (paired)"] = statistics.median(pairs)
+    return out
+
+
 def _report(t: Target, peers: list[str], plan: Plan, res: Results, variants: dict) -> dict:
     figures = {peer: {k: summary(v) for k, v in figs.items()} for peer, figs in res.single.items()}
     for peer, lat in res.latencies.items():
@@ -327,6 +339,7 @@ def _report(t: Target, peers: list[str], plan: Plan, res: Results, variants: dic
             for k, v in figures.get(base, {}).items()
             if k in figures["codeserve"]
         }
+        ratios[base].update(_paired(res.single.get("codeserve", {}), res.single.get(base, {})))
         for c, v in concurrent.get(base, {}).items():
             ratios[base][f"aggregate_tok_s@{c}"] = (
                 concurrent["codeserve"][c]["median"] / v["median"]

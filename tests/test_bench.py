@@ -10,6 +10,7 @@ import pytest
 
 from bench import humaneval as he
 from bench.harness import percentile, summary
+from bench.suite import _paired
 from bench.workloads import humaneval
 
 
@@ -52,6 +53,13 @@ def test_summaries():
     assert percentile([1, 2, 3, 4, 5], 0.5) == 3 and percentile([1, 2], 0.95) == pytest.approx(1.95)
 
 
+def test_paired_ratios_pair_requests_and_skip_failed_ones():
+    ours = {"decode_tok_s": [10.0, 20.0, float("nan")], "ttft_ms": [1.0, 2.0]}
+    theirs = {"decode_tok_s": [5.0, 40.0, 1.0], "ttft_ms": [1.0]}
+    # 2.0 and 0.5 (medians of the columns would give 15 / 5 = 3); ttft_ms does not line up.
+    assert _paired(ours, theirs) == {"decode_tok_s (paired)": 1.25}
+
+
 def test_humaneval_through_the_api(server):
     out = he.evaluate(server.url, "smollm2-135m", limit=2, max_tokens=64)
     assert out["problems"] == 2 and len(out["results"]) == 2
@@ -74,6 +82,7 @@ def test_quick_bench_writes_its_report(tmp_path):
         assert rep["single_stream"][peer]["prefill_tok_s"]["median"] > 0
     assert rep["aggregate_tok_s"]["codeserve"]["1"]["median"] > 0
     assert rep["ratios_codeserve_over"]["raw"]["decode_tok_s"] > 0
+    assert rep["ratios_codeserve_over"]["raw"]["decode_tok_s (paired)"] > 0
     assert rep["physical_limit"]["memory_bandwidth_gbs"] > 0
     assert report.with_suffix(".png").stat().st_size > 1000
     md = report.with_suffix(".md").read_text()
