@@ -31,6 +31,8 @@ def test_fast_tokens_share_frames_and_slow_ones_go_alone():
     assert sent(Frames(0.030, stream=True), tokens(4), 0.016) == [[0], [1, 2], [3]]
     assert sent(Frames(0.030, stream=True), tokens(3), 0.031) == [[0], [1], [2]]
     assert sent(Frames(0.0, stream=True), tokens(3), 0.001) == [[0], [1], [2]]
+    # Interval 0: every token alone, even tokens of one step (accepted drafts).
+    assert sent(Frames(0.0, stream=True), tokens(3), 0.0) == [[0], [1], [2]]
 
 
 @pytest.mark.parametrize("gap_s", [0.001, 0.004, 0.010, 0.012, 0.016, 0.025, 0.029, 0.031, 0.2])

@@ -37,7 +37,7 @@ class Frames:
             self._held_since = now
         self._held.extend(out)
         # The next token is about one gap away: send now if waiting for it holds text too long.
-        if self._held and now + gap - self._held_since > self.interval:
+        if self._held and now + gap - self._held_since >= self.interval:
             return self.take()
         return None
 
