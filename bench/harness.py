@@ -27,6 +27,11 @@ from server.engine.base import ggml_kv_type
 
 _VOCABS: dict[Path, Any] = {}
 
+# A pause before a request goes to another peer than the last one: llama.cpp's OpenMP threads spin
+# some milliseconds after a decode before they sleep (libgomp's default), and the next peer's
+# request should not share the cores with the last one's spinning threads.
+SETTLE_S = 0.02
+
 
 def token_counter(gguf: Path, *, prompt: bool = True) -> Callable[[str], int]:
     """Token counts from a GGUF's own vocabulary, the same for every peer: of a prompt (with its

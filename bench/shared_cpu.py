@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench import client
 from bench.contention import busy_load
-from bench.harness import target, token_counter
+from bench.harness import SETTLE_S, target, token_counter
 from bench.workloads import humaneval
 
 
@@ -56,6 +56,7 @@ def measure(
                     "ignore_eos": True,
                 }
                 for peer in names if r % 2 == 0 else names[::-1]:
+                    time.sleep(SETTLE_S)
                     s = client.stream(urls[peer], body, count=count)
                     decode[peer].append(s.decode_tok_s)
                     ttft[peer].append(s.ttft_s * 1e3)

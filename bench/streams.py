@@ -17,11 +17,12 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from bench import client, workloads
-from bench.harness import token_counter
+from bench.harness import SETTLE_S, token_counter
 
 
 def measure(
@@ -43,6 +44,7 @@ def measure(
                     {"model": model, "prompt": p, "max_tokens": tokens, "temperature": 0}
                     for p in workloads.generation_prompts(n, f"{r}-{c}")
                 ]
+                time.sleep(SETTLE_S)
                 out = client.concurrent_throughput(urls[peer], bodies, c, n, count)
                 runs[c][peer].append(out["tokens_per_s"])
         print(f"  round {r + 1}: done", file=sys.stderr)

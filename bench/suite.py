@@ -19,6 +19,7 @@ from tqdm import tqdm
 from bench import client, editor_trace, machine, round_robin, workloads
 from bench.contention import busy_load
 from bench.harness import (
+    SETTLE_S,
     Target,
     llama_server_args,
     percentile,
@@ -27,11 +28,6 @@ from bench.harness import (
     token_counter,
 )
 from bench.raw import RawLlama
-
-# A pause before a request goes to another peer than the last one: llama.cpp's OpenMP threads spin
-# some milliseconds after a decode before they sleep (libgomp's default), and the next peer's
-# request should not share the cores with the last one's spinning threads.
-SETTLE_S = 0.02
 
 PEERS = ("codeserve", "codeserve-simple", "raw", "llama-cpp-python", "llama-server")
 # A trivial endpoint per peer, for the client's overhead check.
