@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from bench import client
 from bench.harness import codeserve, target, token_counter
-from bench.workloads import humaneval
+from bench.workloads import humaneval, salted_decode_body
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 # What each server's environment adds to this process's (where importing ``server`` set both):
@@ -45,13 +44,7 @@ def _decode_rounds(
     problems = humaneval()
     out = []
     for r in range(rounds):
-        body = {
-            "model": model,
-            "prompt": f"# {uuid.uuid4().hex}\n" + problems[r % len(problems)].prompt,
-            "max_tokens": tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
+        body = salted_decode_body(model, problems[r % len(problems)], tokens)
         out.append(client.stream(url, body, count=count).decode_tok_s)
     return out
 

@@ -18,14 +18,13 @@ import json
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from bench import client
 from bench.contention import busy_load
 from bench.harness import SETTLE_S, target, token_counter
-from bench.workloads import humaneval
+from bench.workloads import humaneval, salted_decode_body
 
 
 def measure(
@@ -47,14 +46,7 @@ def measure(
         with busy_load(n):
             time.sleep(1.0)
             for r in range(rounds):
-                prompt = f"# {uuid.uuid4().hex}\n" + problems[r % len(problems)].prompt
-                body = {
-                    "model": model,
-                    "prompt": prompt,
-                    "max_tokens": tokens,
-                    "temperature": 0,
-                    "ignore_eos": True,
-                }
+                body = salted_decode_body(model, problems[r % len(problems)], tokens)
                 for peer in names if r % 2 == 0 else names[::-1]:
                     time.sleep(SETTLE_S)
                     s = client.stream(urls[peer], body, count=count)

@@ -231,7 +231,11 @@ class Accumulated:
             self.per_round[key].append(percentile([r[key] for r in rows if key in r], 0.5))
 
 
-def _stats(xs: list[float]) -> dict[str, float | int]:
+def _stats(xs: list[float]) -> dict[str, float | int | None]:
+    """Median and p90 of a stage's samples; None for a stage no token passed through (JSON has
+    no NaN)."""
+    if not xs:
+        return {"median_us": None, "p90_us": None, "n": 0}
     return {"median_us": percentile(xs, 0.5), "p90_us": percentile(xs, 0.9), "n": len(xs)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -49,6 +50,18 @@ def humaneval() -> list[Problem]:
         Problem(r["task_id"], r["prompt"], r["test"], r["entry_point"], r["canonical_solution"])
         for r in rows
     ]
+
+
+def salted_decode_body(model: str, problem: Problem, tokens: int) -> dict:
+    """A greedy completion of exactly ``tokens`` tokens (``ignore_eos``) on a HumanEval prompt
+    with a fresh first line, so no server has it cached: one stream's decode rate."""
+    return {
+        "model": model,
+        "prompt": f"# {uuid.uuid4().hex}\n" + problem.prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
 
 def long_prompt(n_chars: int, salt: str) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bench import tokenpath
-from bench.tokenpath_stages import LATENCY, LOOP, STEP, markdown
+from bench.tokenpath_stages import LATENCY, LOOP, STEP, Accumulated, markdown, report
 from server.engine.base import HANDOVER_WAIT_S
 
 
@@ -57,3 +59,18 @@ def test_a_frame_the_engine_waited_for_left_before_the_next_step(rep):
     for r in sent:
         assert r["sent_ahead"] > 0, r
         assert r["wait"] < (HANDOVER_WAIT_S + 0.010) * 1e6, r  # bounded (a wake-up may be late)
+
+
+def test_a_stage_no_token_passed_through_is_null_in_strict_json():
+    acc = Accumulated()
+    figures = {"decode": 10.0, "step": 12.0, "client_iti": 13.0, "latency": 2.0, "loop_busy": 1.0}
+    acc.add_round([figures], streamed=1)
+    out = report(acc)
+    assert out["latency_path"][LATENCY[0].key] == {
+        "label": LATENCY[0].label,
+        "thread": LATENCY[0].thread,
+        "median_us": None,
+        "p90_us": None,
+        "n": 0,
+    }
+    json.dumps(out, allow_nan=False)  # what --json writes must parse anywhere
