@@ -29,6 +29,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md models.toml ./
 COPY scripts ./scripts
+COPY patches ./patches
 COPY server ./server
 COPY quantize ./quantize
 COPY bench ./bench

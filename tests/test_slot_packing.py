@@ -205,3 +205,47 @@ def test_after_a_burst_the_idle_engine_packs_and_its_caches_still_answer(model_p
         time.sleep(PACK_AFTER_S + 0.5)
     finally:
         worker.close()
+
+
+def test_sequences_in_the_shared_buffer_attend_to_their_own_cells_only(model_path, registry):
+    """Eight sequences in one KV buffer, laid out as the engine leaves them (a run per prompt,
+    then cells interleaved by steps taken together), give each sequence the logits it has alone.
+    Attention skips other sequences' cells in blocks where llama.cpp is built with codeserve's
+    patch (patches/): a block skipped wrongly would change the answers, not just the speed."""
+    import numpy as np
+
+    from tests.conftest import batch_context
+
+    model = Model.load(model_path, registry.models["smollm2-135m"])
+    # Prompts of lengths that leave runs of every alignment to the blocks of 16 cells.
+    prompts = [
+        model.tokenize(p + " ".join(["x"] * (5 * i + 7)) + ")", add_bos=True)
+        for i, p in enumerate(PROMPTS)
+    ]
+    steps = 24
+    shared = batch_context(model, n_ctx=4096, n_seq=8)
+    alone = batch_context(model, n_ctx=512, n_seq=1)
+    try:
+        last: list[int] = []
+        for seq, prompt in enumerate(prompts):
+            shared.decode([(t, i, seq, i == len(prompt) - 1) for i, t in enumerate(prompt)])
+            last.append(int(np.argmax(shared.logits(len(prompt) - 1, model.n_vocab))))
+        together: list[list[np.ndarray]] = [[] for _ in prompts]
+        tokens: list[list[int]] = [[t] for t in last]
+        for k in range(steps):
+            shared.decode([(tokens[s][-1], len(p) + k, s, True) for s, p in enumerate(prompts)])
+            for s in range(len(prompts)):
+                row = shared.logits(s, model.n_vocab).copy()
+                together[s].append(row)
+                tokens[s].append(int(np.argmax(row)))
+        for s, prompt in enumerate(prompts):
+            alone.seq_rm(0, -1, -1)
+            alone.decode([(t, i, 0, False) for i, t in enumerate(prompt)])
+            for k in range(steps):
+                alone.decode([(tokens[s][k], len(prompt) + k, 0, True)])
+                row = alone.logits(0, model.n_vocab)
+                assert np.abs(row - together[s][k]).max() < 1e-2, (s, k)
+    finally:
+        shared.close()
+        alone.close()
+        model.close()
