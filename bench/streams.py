@@ -1,14 +1,17 @@
 """Aggregate tokens/s of concurrent clients, the suite's workload, against servers already running.
 
     python -m bench.streams --url URL [--url URL ...] [--names a,b] [--streams 1,8]
-                            [--rounds 4] [--tokens 128] [--gguf PATH] [--json PATH]
+                            [--rounds 4] [--tokens 128] [--prompt-chars N] [--gguf PATH]
+                            [--json PATH]
 
 What ``codeserve bench`` measures as "aggregate tokens/s at N streams" (N clients, 2N salted
 short prompts, greedy, non-streamed ``/v1/completions``), for servers someone else started: two
 builds of codeserve side by side, or one with a setting changed, next to llama-server. Servers
 take turns round by round, the order rotating, so a noisy machine slows them alike. With
 ``--gguf`` (the model's file) the answers' text is counted with its vocabulary, the same for every
-server, instead of trusting each server's ``completion_tokens``.
+server, instead of trusting each server's ``completion_tokens``. With ``--prompt-chars N`` the
+prompts are N characters of real source each, a different stretch for every request (nothing a
+cache could reuse), and every answer is ``--tokens`` long: a batch job over files.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def measure(
     rounds: int,
     tokens: int,
     count: Callable[[str], int] | None = None,
+    prompt_chars: int = 0,
 ) -> dict:
     names = list(urls)
     runs: dict[int, dict[str, list[float]]] = {c: {p: [] for p in names} for c in streams}
@@ -40,10 +44,7 @@ def measure(
             k = r % len(names)
             for peer in names[k:] + names[:k]:
                 n = 2 * c
-                bodies = [
-                    {"model": model, "prompt": p, "max_tokens": tokens, "temperature": 0}
-                    for p in workloads.generation_prompts(n, f"{r}-{c}")
-                ]
+                bodies = _bodies(model, n, r, c, tokens, prompt_chars)
                 time.sleep(SETTLE_S)
                 out = client.concurrent_throughput(urls[peer], bodies, c, n, count)
                 runs[c][peer].append(out["tokens_per_s"])
@@ -56,7 +57,35 @@ def measure(
         }
         for c in streams
     ]
-    return {"peers": names, "rounds": rounds, "tokens": tokens, "rows": rows}
+    return {
+        "peers": names,
+        "rounds": rounds,
+        "tokens": tokens,
+        "prompt_chars": prompt_chars,
+        "rows": rows,
+    }
+
+
+def _bodies(model: str, n: int, r: int, c: int, tokens: int, prompt_chars: int) -> list[dict]:
+    """Round ``r`` of ``c`` streams: the suite's short prompts, or with ``prompt_chars`` long ones
+    (a different stretch of source each, the answer's length fixed: a batch job over files)."""
+    if not prompt_chars:
+        return [
+            {"model": model, "prompt": p, "max_tokens": tokens, "temperature": 0}
+            for p in workloads.generation_prompts(n, f"{r}-{c}")
+        ]
+    return [
+        {
+            "model": model,
+            "prompt": workloads.long_prompt(
+                prompt_chars, f"{r}-{c}-{i}", offset=(r * n + i) * prompt_chars
+            ),
+            "max_tokens": tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        for i in range(n)
+    ]
 
 
 def markdown(rep: dict) -> str:
@@ -85,13 +114,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--streams", default="1,8", help="concurrent clients per run")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument(
+        "--prompt-chars",
+        type=int,
+        default=0,
+        metavar="N",
+        help="long prompts of N characters of source, 2x streams of them, instead of short ones",
+    )
     ap.add_argument("--gguf", type=Path, help="count answers' tokens with this vocabulary")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     urls = client.peers(ap, args)
     streams = [int(x) for x in args.streams.split(",")]
     count = token_counter(args.gguf, prompt=False) if args.gguf else None
-    rep = measure(urls, args.model, streams, args.rounds, args.tokens, count)
+    rep = measure(urls, args.model, streams, args.rounds, args.tokens, count, args.prompt_chars)
     if args.json:
         args.json.write_text(json.dumps(rep, indent=2))
     print(markdown(rep))

@@ -64,10 +64,12 @@ def salted_decode_body(model: str, problem: Problem, tokens: int) -> dict:
     }
 
 
-def long_prompt(n_chars: int, salt: str) -> str:
-    """Real Python source (this repository's), unique per salt so no server has it cached."""
+def long_prompt(n_chars: int, salt: str, offset: int = 0) -> str:
+    """Real Python source (this repository's), unique per salt so no server has it cached;
+    ``offset`` picks another stretch of it, so that prompts share no chunk a cache could reuse."""
     text = "\n".join(p.read_text() for p in sorted((REPO / "server").rglob("*.py")))
-    return f"# {salt}\n" + text[:n_chars]
+    start = offset % len(text)
+    return f"# {salt}\n" + (text + text)[start : start + n_chars]
 
 
 def rewrite_prompts(n: int, count_tokens) -> list[tuple[str, int]]:

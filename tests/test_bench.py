@@ -183,6 +183,20 @@ def test_streams_quick(server, model_path):
     assert "| 2 | " in streams.markdown(out)
 
 
+def test_streams_long_prompts_are_distinct_stretches_of_source_with_fixed_answers(server):
+    from bench import streams
+
+    bodies = streams._bodies("smollm2-135m", 4, 1, 2, 8, 600)
+    prompts = [b["prompt"] for b in bodies]
+    assert all(len(p) > 600 for p in prompts)
+    # No two share a chunk a cache could reuse: different stretches, not one text re-salted.
+    bodies_text = [p.split("\n", 1)[1] for p in prompts]
+    assert len({t[:200] for t in bodies_text}) == 4
+    assert all(b["ignore_eos"] and b["max_tokens"] == 8 for b in bodies)
+    out = streams.measure({"a": server.url}, "smollm2-135m", [2], 1, 4, prompt_chars=600)
+    assert out["prompt_chars"] == 600 and out["rows"][0]["tokens_per_s"]["a"] > 0
+
+
 def test_second_engine_bench_measures_both_configurations_over_http():
     from bench import second_engine
     from bench.harness import target
