@@ -9,9 +9,9 @@ KEY := $(shell printf '%s' "$$CMAKE_ARGS" | sha256sum | cut -c1-12)
 # Serving installs codeserve alone; developing and testing add the tools' extras (dev includes
 # bench and quantize), so a `make serve` brings no plotting or benchmark-only package.
 SERVE_STAMP := $(VENV)/.installed-serve-$(KEY)
-# What the install builds from: the dependencies, the recipe, and the patches it applies to llama.cpp.
-INSTALL_INPUTS := pyproject.toml scripts/install.sh $(wildcard patches/*/*.patch)
 DEV_STAMP := $(VENV)/.installed-dev-$(KEY)
+# What the install builds from: the dependencies, the recipe, the patches it applies to llama.cpp.
+INSTALL_INPUTS := pyproject.toml scripts/install.sh $(wildcard patches/*/*.patch)
 
 .PHONY: serve test setup model lint typecheck format clean
 

@@ -39,12 +39,14 @@ def measure(
 ) -> dict:
     names = list(urls)
     runs: dict[int, dict[str, list[float]]] = {c: {p: [] for p in names} for c in streams}
+    made = 0  # requests of the run so far: each long prompt is the next stretch of source
     for r in range(rounds):
         for c in streams:
             k = r % len(names)
+            n = 2 * c
+            bodies = _bodies(model, n, f"{r}-{c}", made, tokens, prompt_chars)
+            made += n
             for peer in names[k:] + names[:k]:
-                n = 2 * c
-                bodies = _bodies(model, n, r, c, tokens, prompt_chars)
                 time.sleep(SETTLE_S)
                 out = client.concurrent_throughput(urls[peer], bodies, c, n, count)
                 runs[c][peer].append(out["tokens_per_s"])
@@ -66,19 +68,23 @@ def measure(
     }
 
 
-def _bodies(model: str, n: int, r: int, c: int, tokens: int, prompt_chars: int) -> list[dict]:
-    """Round ``r`` of ``c`` streams: the suite's short prompts, or with ``prompt_chars`` long ones
-    (a different stretch of source each, the answer's length fixed: a batch job over files)."""
+def _bodies(
+    model: str, n: int, salt: str, first: int, tokens: int, prompt_chars: int
+) -> list[dict]:
+    """``n`` requests: the suite's short prompts, or with ``prompt_chars`` long ones, the run's
+    requests ``first``... each the next stretch of source (they repeat only once this repository's
+    server code, ~560,000 characters, runs out), the answer's length fixed: a batch job over files.
+    """
     if not prompt_chars:
         return [
             {"model": model, "prompt": p, "max_tokens": tokens, "temperature": 0}
-            for p in workloads.generation_prompts(n, f"{r}-{c}")
+            for p in workloads.generation_prompts(n, salt)
         ]
     return [
         {
             "model": model,
             "prompt": workloads.long_prompt(
-                prompt_chars, f"{r}-{c}-{i}", offset=(r * n + i) * prompt_chars
+                prompt_chars, f"{salt}-{i}", offset=(first + i) * prompt_chars
             ),
             "max_tokens": tokens,
             "temperature": 0,

@@ -62,7 +62,8 @@ if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   "${pip[@]}" download --no-deps --no-binary :all: -d "$wheel_dir.tmp/sdist" \
     "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
   tar -xzf "$wheel_dir.tmp/sdist"/llama_cpp_python-*.tar.gz -C "$wheel_dir.tmp/sdist"
-  src=$(echo "$wheel_dir.tmp/sdist"/llama_cpp_python-*/)
+  sdist=("$wheel_dir.tmp/sdist"/llama_cpp_python-*/)
+  src=${sdist[0]}
   for p in ${patches[@]+"${patches[@]}"}; do
     echo ">> applying $(basename "$p")"
     patch -d "$src" -p1 --forward --batch --quiet < "$p"

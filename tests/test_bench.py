@@ -186,7 +186,7 @@ def test_streams_quick(server, model_path):
 def test_streams_long_prompts_are_distinct_stretches_of_source_with_fixed_answers(server):
     from bench import streams
 
-    bodies = streams._bodies("smollm2-135m", 4, 1, 2, 8, 600)
+    bodies = streams._bodies("smollm2-135m", 4, "1-2", 4, 8, 600)
     prompts = [b["prompt"] for b in bodies]
     assert all(len(p) > 600 for p in prompts)
     # No two share a chunk a cache could reuse: different stretches, not one text re-salted.
