@@ -310,8 +310,11 @@ def _paired(ours: dict[str, list[float]], theirs: dict[str, list[float]]) -> dic
     (every request went to both within seconds, so the machine's drift cancels in each pair)."""
     out = {}
     for k, xs in ours.items():
-        pairs = [a / b for a, b in zip(xs, theirs.get(k, []), strict=False) if a == a and b == b]
-        if pairs and len(xs) == len(theirs[k]):
+        ys = theirs.get(k, [])
+        if len(ys) != len(xs):  # not the same requests
+            continue
+        pairs = [a / b for a, b in zip(xs, ys, strict=True) if a == a and b == b]
+        if pairs:
             out[f"{k} (paired)"] = statistics.median(pairs)
     return out
 

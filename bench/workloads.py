@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import uuid
@@ -64,10 +65,16 @@ def salted_decode_body(model: str, problem: Problem, tokens: int) -> dict:
     }
 
 
+@functools.cache
+def _server_source() -> str:
+    """This repository's server code, read once per process (~560,000 characters)."""
+    return "\n".join(p.read_text() for p in sorted((REPO / "server").rglob("*.py")))
+
+
 def long_prompt(n_chars: int, salt: str, offset: int = 0) -> str:
     """Real Python source (this repository's), unique per salt so no server has it cached;
     ``offset`` picks another stretch of it, so that prompts share no chunk a cache could reuse."""
-    text = "\n".join(p.read_text() for p in sorted((REPO / "server").rglob("*.py")))
+    text = _server_source()
     start = offset % len(text)
     return f"# {salt}\n" + (text + text)[start : start + n_chars]
 
