@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     )
     b.add_argument("--peers", help=f"comma list from {','.join(PEERS)} (default: all available)")
     b.add_argument("--llama-server", help="path to llama.cpp's llama-server binary")
-    b.add_argument("--rounds", type=int)
+    b.add_argument("--rounds", type=int, help="rounds of one-stream requests (default 3)")
+    b.add_argument("--concurrency-rounds", type=int, help="rounds of concurrent runs (default 6)")
     b.add_argument(
         "--kv-types",
         help="extra codeserve variants with these KV cache types ('' for none; default: the "
@@ -90,6 +91,8 @@ def cmd_suite(args: argparse.Namespace) -> None:
     plan.contention = args.contend
     if args.rounds:
         plan.rounds = args.rounds
+    if args.concurrency_rounds:
+        plan.concurrency_rounds = args.concurrency_rounds
     variants: dict[str, dict] = {}
     if not args.quick:
         kv_types = args.kv_types

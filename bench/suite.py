@@ -39,6 +39,9 @@ EDITOR_PEERS = ("codeserve", "codeserve-simple", "llama-server")
 @dataclass
 class Plan:
     rounds: int = 3
+    # Concurrent runs are few requests each, and one run against another moves ±20% here: more
+    # rounds than the one-stream figures, whose every round has a dozen requests per peer.
+    concurrency_rounds: int = 6
     autocomplete_tokens: int = 32
     humaneval_problems: int = 6
     humaneval_tokens: int = 128
@@ -59,6 +62,7 @@ class Plan:
     def quick(cls) -> Plan:
         return cls(
             rounds=1,
+            concurrency_rounds=1,
             autocomplete_tokens=16,
             humaneval_problems=1,
             humaneval_tokens=32,
@@ -81,6 +85,7 @@ class Plan:
         threads stall at every barrier a busy core holds, so each workload takes minutes."""
         return cls(
             rounds=2,
+            concurrency_rounds=2,
             contention=processes,
             concurrency=(1, 8),
             candidates=0,
@@ -111,7 +116,9 @@ def run_suite(
     res = Results()
     problems = workloads.humaneval()[: plan.humaneval_problems]
     editor_peers = [p for p in http_peers if p in EDITOR_PEERS] if plan.editor_trace else []
-    steps = plan.rounds * (len(peers) + len(plan.concurrency) * len(http_peers))
+    steps = plan.rounds * len(peers) + plan.concurrency_rounds * len(plan.concurrency) * len(
+        http_peers
+    )
     visits = min(plan.editor_rounds * 5, plan.editor_visits or plan.editor_rounds * 5)
     steps += visits * len(editor_peers) + plan.round_robin_laps * len(http_peers)
     bar = tqdm(total=steps, desc="bench", unit="run", file=sys.stderr)
@@ -164,10 +171,11 @@ def run_suite(
             step=bar.update,
         )
         generated = token_counter(t.path, prompt=False)
-        for r in range(plan.rounds):
+        for r in range(plan.concurrency_rounds):
             for c in plan.concurrency:
                 for peer in http_peers[r % len(http_peers) :] + http_peers[: r % len(http_peers)]:
                     bar.set_postfix_str(f"round {r + 1}, {c} streams {peer}")
+                    time.sleep(SETTLE_S)  # the last peer's threads may still spin
                     n = c * plan.requests_per_stream
                     bodies = [
                         {
@@ -306,8 +314,9 @@ def _variants(url: str | None, t: Target, variants: dict[str, dict], plan: Plan)
 
 
 def _paired(ours: dict[str, list[float]], theirs: dict[str, list[float]]) -> dict[str, float]:
-    """Per one-stream figure, the median of codeserve's value over the peer's request by request
-    (every request went to both within seconds, so the machine's drift cancels in each pair)."""
+    """Per figure, the median of codeserve's value over the peer's, request by request (one
+    stream) or round by round (concurrent runs): each pair ran within seconds, so the machine's
+    drift cancels in it."""
     out = {}
     for k, xs in ours.items():
         ys = theirs.get(k, [])
@@ -331,18 +340,7 @@ def _report(t: Target, peers: list[str], plan: Plan, res: Results, variants: dic
     size = t.path.stat().st_size
     limit = bandwidth * 1e9 / size
     ours = figures.get("codeserve", {}).get("decode_tok_s", {}).get("median", float("nan"))
-    ratios: dict[str, dict[str, float]] = {}
-    for base in (p for p in peers if p != "codeserve"):
-        ratios[base] = {
-            k: figures["codeserve"][k]["median"] / v["median"]
-            for k, v in figures.get(base, {}).items()
-            if k in figures["codeserve"]
-        }
-        ratios[base].update(_paired(res.single.get("codeserve", {}), res.single.get(base, {})))
-        for c, v in concurrent.get(base, {}).items():
-            ratios[base][f"aggregate_tok_s@{c}"] = (
-                concurrent["codeserve"][c]["median"] / v["median"]
-            )
+    ratios = _ratios(peers, res, figures, concurrent)
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine.describe(),
@@ -367,3 +365,26 @@ def _report(t: Target, peers: list[str], plan: Plan, res: Results, variants: dic
             "codeserve_fraction": ours / limit,
         },
     }
+
+
+def _ratios(peers: list[str], res: Results, figures: dict, concurrent: dict) -> dict:
+    """codeserve over each other peer: the ratio of medians of every figure, and paired."""
+    ratios: dict[str, dict[str, float]] = {}
+    for base in (p for p in peers if p != "codeserve"):
+        ratios[base] = {
+            k: figures["codeserve"][k]["median"] / v["median"]
+            for k, v in figures.get(base, {}).items()
+            if k in figures["codeserve"]
+        }
+        ratios[base].update(_paired(res.single.get("codeserve", {}), res.single.get(base, {})))
+        for c, v in concurrent.get(base, {}).items():
+            ratios[base][f"aggregate_tok_s@{c}"] = (
+                concurrent["codeserve"][c]["median"] / v["median"]
+            )
+        ratios[base].update(
+            _paired(
+                {f"aggregate_tok_s@{c}": v for c, v in res.concurrent.get("codeserve", {}).items()},
+                {f"aggregate_tok_s@{c}": v for c, v in res.concurrent.get(base, {}).items()},
+            )
+        )
+    return ratios

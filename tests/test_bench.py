@@ -10,7 +10,7 @@ import pytest
 
 from bench import humaneval as he
 from bench.harness import percentile, summary
-from bench.suite import _paired
+from bench.suite import Results, _paired, _ratios
 from bench.workloads import humaneval
 
 
@@ -58,6 +58,22 @@ def test_paired_ratios_pair_requests_and_skip_failed_ones():
     theirs = {"decode_tok_s": [5.0, 40.0, 1.0], "ttft_ms": [1.0]}
     # 2.0 and 0.5 (medians of the columns would give 15 / 5 = 3); ttft_ms does not line up.
     assert _paired(ours, theirs) == {"decode_tok_s (paired)": 1.25}
+
+
+def test_concurrent_runs_get_a_ratio_paired_round_by_round():
+    res = Results(
+        concurrent={
+            "codeserve": {8: [100.0, 130.0, 90.0]},
+            "llama-server": {8: [110.0, 100.0, 95.0]},
+        }
+    )
+    concurrent = {
+        peer: {str(c): summary(v) for c, v in by.items()} for peer, by in res.concurrent.items()
+    }
+    r = _ratios(["codeserve", "llama-server"], res, {"codeserve": {}}, concurrent)["llama-server"]
+    assert r["aggregate_tok_s@8"] == pytest.approx(100.0 / 100.0)  # medians of the columns
+    # rounds: 0.909, 1.3, 0.947
+    assert r["aggregate_tok_s@8 (paired)"] == pytest.approx(90.0 / 95.0)
 
 
 def test_humaneval_through_the_api(server):
