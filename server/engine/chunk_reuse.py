@@ -201,10 +201,12 @@ def apply(
 
 
 class ShiftCost:
-    """Whether moving cells pays: llama.cpp re-rotates the keys of every cell of the KV buffer
-    (all slots, all layers) at the decode after a move, whatever was moved, so with a large
-    buffer and a short chunk evaluating the chunk again is cheaper. Both costs are measured once
-    on this context, in the scratch sequence, the first time a plan would move cells."""
+    """Whether moving cells pays: llama.cpp re-rotates keys at the decode after a move. Released
+    builds rotate every cell of the KV buffer (all slots, all layers), whatever was moved, so with
+    a large buffer and a short chunk evaluating the chunk again is cheaper; codeserve's build
+    (patches/) rotates only the span from the first moved cell to the last, a few milliseconds
+    for a run of cells. Both costs are measured once on this context, in the scratch sequence,
+    the first time a plan would move cells."""
 
     def __init__(self) -> None:
         self.shift_s: float | None = None  # what one move adds to a decode
