@@ -39,8 +39,8 @@ EDITOR_PEERS = ("codeserve", "codeserve-simple", "llama-server")
 @dataclass
 class Plan:
     rounds: int = 3
-    # Concurrent runs are few requests each, and one run against another moves ±20% here: more
-    # rounds than the one-stream figures, whose every round has a dozen requests per peer.
+    # Concurrent runs are few requests each and move more from one run to the next than the
+    # one-stream figures, whose every round has a dozen requests per peer: more rounds.
     concurrency_rounds: int = 6
     autocomplete_tokens: int = 32
     humaneval_problems: int = 6
