@@ -64,6 +64,7 @@ class _SlowConsumer:
         self.handover = Handover()
         self.handed: list[tuple[float, Event]] = []
         self.taken: list[float] = []
+        self.waits: list[float] = []
         self._queue: queue.Queue[Event] = queue.Queue()
         self.done = threading.Event()
         threading.Thread(target=self._consume, daemon=True).start()
@@ -74,6 +75,7 @@ class _SlowConsumer:
         self._queue.put(event)
 
     def wait_taken(self, timeout_s: float) -> bool:
+        self.waits.append(time.perf_counter())
         return self.handover.wait_taken(timeout_s)
 
     def _consume(self) -> None:
@@ -101,12 +103,17 @@ def test_an_engine_steps_once_its_consumer_took_the_last_steps_tokens(make, mode
     handed = [t for t, _ in sink.handed]
     deltas = [i for i, (_, e) in enumerate(sink.handed) if isinstance(e, Delta) and e.token_ids]
     assert len(deltas) >= 10
-    # Each token's next step started after the consumer had taken it (a wait is bounded: a
-    # thread that was not scheduled in time may miss one, never the first token).
+    # Before each step that follows a token, the engine asked to wait until it was taken (the
+    # first token included): that is its part, independent of how the threads were scheduled.
+    for i in deltas:
+        after = [t for t in steps if t > handed[i]]
+        if after:
+            assert any(handed[i] < w < after[0] for w in sink.waits), f"no wait after token {i}"
+    # And the wait worked: most tokens were taken before the next step started (a wait is
+    # bounded, so a consumer thread not scheduled in time on a loaded machine may miss some).
     late = []
     for i in deltas:
         after = [t for t in steps if t > handed[i]]
         if after and after[0] < sink.taken[i]:
             late.append(i)
-    assert deltas[0] not in late
     assert len(late) <= len(deltas) // 4, late
