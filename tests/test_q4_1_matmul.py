@@ -1,0 +1,56 @@
+"""A Q4_1 model's logits for a token do not depend on how many tokens were evaluated with it.
+
+codeserve's llama.cpp carries a tiled Q4_1 matmul for AVX2
+(patches/llama-cpp-python-0.3.36/0003-ggml-cpu-q4_1-tiled-matmul.patch): tiles of 4 weight rows by
+4, 2 or 1 tokens, and single rows by any for the rest, each output computed with the same
+operations in the same order whatever its tile. A tile that summed or scaled differently, or put
+an output in another's place, changes some token's logits against the same token evaluated alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from llama_cpp import Llama
+
+TEXT = (
+    "def fibonacci(n):\n    if n < 2:\n        return n\n"
+    "    return fibonacci(n - 1) + fibonacci(n - 2)\n\nprint(fibonacci(10))\n"
+)
+
+
+@pytest.fixture(scope="module")
+def llm(model_path) -> Llama:
+    return Llama(
+        str(model_path),
+        n_ctx=256,
+        n_batch=64,
+        n_threads=2,
+        logits_all=True,
+        flash_attn=True,
+        verbose=False,
+    )
+
+
+def _scores(llm: Llama, tokens: list[int], chunks: list[int]) -> np.ndarray:
+    assert sum(chunks) == len(tokens)
+    llm.reset()
+    start = 0
+    for n in chunks:
+        llm.eval(tokens[start : start + n])
+        start += n
+    return np.array(llm.scores[: len(tokens)])
+
+
+# Batches under 32 tokens: from there llama.cpp's attention takes a tiled path of its own.
+@pytest.mark.parametrize(
+    "chunks",
+    [[27], [9, 7, 5, 6], [3, 1, 2, 21], [13, 14]],
+    ids=["one-batch", "odd-sizes", "small-then-large", "two-halves"],
+)
+def test_a_tokens_logits_are_the_same_alone_and_in_any_batch(llm, chunks):
+    tokens = llm.tokenize(TEXT.encode())[:27]
+    assert len(tokens) == 27
+    alone = _scores(llm, tokens, [1] * len(tokens))
+    together = _scores(llm, tokens, chunks)
+    assert np.array_equal(together, alone), float(np.abs(together - alone).max())
