@@ -1,10 +1,12 @@
 """A Q4_1 model's logits for a token do not depend on how many tokens were evaluated with it.
 
 codeserve's llama.cpp carries a tiled Q4_1 matmul for AVX2
-(patches/llama-cpp-python-0.3.36/0003-ggml-cpu-q4_1-tiled-matmul.patch): tiles of 4 weight rows by
-4, 2 or 1 tokens, and single rows by any for the rest, each output computed with the same
-operations in the same order whatever its tile. A tile that summed or scaled differently, or put
-an output in another's place, changes some token's logits against the same token evaluated alone.
+(patches/llama-cpp-python-0.3.36/0003-ggml-cpu-q4_1-tiled-matmul.patch) for batches of two tokens
+or more: tiles of up to 4 weight rows by 2 tokens, each output computed with the operations of
+llama.cpp's per-row dot product (which a single token still takes), in the same order. A tile
+that summed, scaled or rounded differently, or put an output in another's place, changes some
+token's logits against the same token evaluated alone; so does speculation's verification, which
+the engine's tests hold token for token to plain greedy decoding.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def _scores(llm: Llama, tokens: list[int], chunks: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(tokens)])
 
 
-# Batches under 32 tokens: from there llama.cpp's attention takes a tiled path of its own.
+# Batches under 32 tokens: from there llama.cpp's attention takes a tiled path of its own. Odd
+# sizes leave tiles of one token.
 @pytest.mark.parametrize(
     "chunks",
     [[27], [9, 7, 5, 6], [3, 1, 2, 21], [13, 14]],
