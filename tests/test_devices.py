@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from bench.harness import loaded_libraries
 from server.engine.devices import list_devices, offloaded_layers, report_load
 
 
@@ -9,6 +12,14 @@ def test_devices_of_this_build():
     devices = list_devices()
     cpu = [d for d in devices if d.kind == "cpu"]
     assert cpu and cpu[0].total_bytes > 0
+
+
+def test_reading_the_devices_loads_no_second_copy_of_ggml():
+    list_devices()
+    # The wheel ships libggml.so and libggml.so.0 as separate files: one process should map one.
+    stems = [Path(p).name.split(".so")[0] for p in loaded_libraries()]
+    assert "libggml" in stems and "libggml-base" in stems
+    assert len(stems) == len(set(stems)), loaded_libraries()
 
 
 def test_offloaded_layers():

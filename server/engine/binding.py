@@ -97,6 +97,17 @@ def close_weights(weights: Any) -> None:
     weights.close()
 
 
+def ggml_function(name: str) -> Any:  # a ctypes function, or None
+    """A function of ggml's C API (which llama-cpp-python does not bind), from the ggml libraries
+    llama_cpp's libllama was loaded with, or None where the platform's symbol lookup through a
+    library does not reach its dependencies. Opening ``libggml.so`` by its path instead loads a
+    second copy of ggml beside the one libllama uses (the wheel's ``.so`` and ``.so.0`` are
+    separate files), with its own backend registry."""
+    from llama_cpp import llama_cpp as lib
+
+    return getattr(lib._lib, name, None)
+
+
 # Row views kept by BatchContext.logits: a step's rows sit at the same addresses step after step
 # (llama.cpp reallocates its output buffer only when a batch wants more rows than ever before).
 _ROW_VIEWS = 1024

@@ -1,17 +1,18 @@
 """What llama.cpp runs on: ggml's backend devices (CPU, CUDA, Metal, ...) and their memory.
 
 llama-cpp-python does not bind ggml's device registry, so it is read through ctypes from the
-libggml already loaded by llama_cpp. Used for the start-up report: backend, device, layers
-offloaded, and device memory used by the load (free memory before minus after).
+libggml already loaded by llama_cpp (``binding.ggml_function``). Used for the start-up report:
+backend, device, layers offloaded, and device memory used by the load (free memory before minus
+after).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import sys
 from dataclasses import dataclass
-from pathlib import Path
+
+from server.engine.binding import ggml_function
 
 log = logging.getLogger(__name__)
 
@@ -27,43 +28,39 @@ class Device:
     total_bytes: int
 
 
-def _lib(stem: str) -> ctypes.CDLL | None:
-    import llama_cpp
-
-    suffix = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    for path in (lib_dir / f"lib{stem}{suffix}", lib_dir / f"{stem}{suffix}"):
-        if path.exists():
-            return ctypes.CDLL(str(path))
-    return None
-
-
 def list_devices() -> list[Device]:
-    ggml, base = _lib("ggml"), _lib("ggml-base")
-    if ggml is None or base is None:
+    symbols = (
+        "ggml_backend_dev_count",
+        "ggml_backend_dev_get",
+        "ggml_backend_dev_name",
+        "ggml_backend_dev_description",
+        "ggml_backend_dev_type",
+        "ggml_backend_dev_memory",
+    )
+    fns = [ggml_function(symbol) for symbol in symbols]
+    if any(fn is None for fn in fns):
         return []
-    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    for fn in (base.ggml_backend_dev_name, base.ggml_backend_dev_description):
+    count, get, dev_name, description, kind, memory = fns
+    count.restype = ctypes.c_size_t
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    for fn in (dev_name, description):
         fn.restype, fn.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
-    base.ggml_backend_dev_type.restype = ctypes.c_int
-    base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    base.ggml_backend_dev_memory.argtypes = [
+    kind.restype, kind.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    memory.argtypes = [
         ctypes.c_void_p,
         ctypes.POINTER(ctypes.c_size_t),
         ctypes.POINTER(ctypes.c_size_t),
     ]
     devices = []
-    for i in range(ggml.ggml_backend_dev_count()):
-        dev = ggml.ggml_backend_dev_get(i)
+    for i in range(count()):
+        dev = get(i)
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        memory(dev, ctypes.byref(free), ctypes.byref(total))
         devices.append(
             Device(
-                name=base.ggml_backend_dev_name(dev).decode(),
-                description=base.ggml_backend_dev_description(dev).decode(),
-                kind=_TYPES.get(base.ggml_backend_dev_type(dev), "other"),
+                name=dev_name(dev).decode(),
+                description=description(dev).decode(),
+                kind=_TYPES.get(kind(dev), "other"),
                 free_bytes=free.value,
                 total_bytes=total.value,
             )
