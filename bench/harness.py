@@ -32,6 +32,10 @@ _VOCABS: dict[Path, Any] = {}
 # request should not share the cores with the last one's spinning threads.
 SETTLE_S = 0.02
 
+# Each running server's process, by base URL, so the suite can say which libraries it ran.
+_PIDS: dict[str, int] = {}
+_LIBRARY_NAMES = ("libllama", "libggml")
+
 
 def token_counter(gguf: Path, *, prompt: bool = True) -> Callable[[str], int]:
     """Token counts from a GGUF's own vocabulary, the same for every peer: of a prompt (with its
@@ -117,13 +121,34 @@ def _process(
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{log_name} did not start; see {log_path}")
             time.sleep(0.25)
+        _PIDS[url] = proc.pid
         yield url
     finally:
+        _PIDS.pop(url, None)
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def loaded_libraries(pid: int | str = "self") -> list[str]:
+    """The llama.cpp and ggml shared libraries a process has mapped, sorted (Linux; empty where
+    /proc is not). Which build a peer runs is not always the one it was installed with:
+    ``LD_LIBRARY_PATH`` outranks a wheel's RUNPATH, so a variable set for one peer's sake can
+    hand another peer's libraries to codeserve."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return []
+    rows = (line.split(None, 5) for line in maps.splitlines())
+    paths = {row[5] for row in rows if len(row) == 6}  # the sixth column, where there is one
+    return sorted(p for p in paths if Path(p).name.startswith(_LIBRARY_NAMES))
+
+
+def server_libraries(url: str) -> list[str]:
+    """``loaded_libraries`` of the server started at ``url`` by this module."""
+    return loaded_libraries(_PIDS[url]) if url in _PIDS else []
 
 
 def _ok(url: str) -> bool:

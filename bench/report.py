@@ -39,6 +39,19 @@ def _conditions(rep: dict) -> list[str]:
     return [*out, ""] if out else []
 
 
+def _libraries(rep: dict) -> list[str]:
+    """Where each peer's llama.cpp libraries were loaded from: the build it really ran."""
+    by_peer = rep.get("libraries") or {}
+    lines = []
+    for peer, paths in by_peer.items():
+        dirs: dict[str, list[str]] = {}
+        for path in paths:
+            dirs.setdefault(str(Path(path).parent), []).append(Path(path).name)
+        where = "; ".join(f"`{d}/` ({', '.join(names)})" for d, names in dirs.items())
+        lines.append(f"- {peer}: {where or 'not read'}")
+    return ["", "llama.cpp libraries each peer loaded:", *lines] if lines else []
+
+
 def markdown(rep: dict) -> str:
     peers = rep["peers"]
     m, model = rep["machine"], rep["model"]
@@ -123,6 +136,7 @@ def _session_figures(rep: dict) -> list[str]:
         r = rep["round_robin"]
         lines += ["", round_robin.markdown(r["figures"], r["meta"]["prompts"], r["meta"]["laps"])]
         lines[-1] = lines[-1].rstrip("\n")
+    lines += _libraries(rep)
     if rep.get("llama_server_flags"):
         flags = [Path(f).name if f.endswith(".gguf") else f for f in rep["llama_server_flags"]]
         lines += [

@@ -22,7 +22,9 @@ from bench.harness import (
     SETTLE_S,
     Target,
     llama_server_args,
+    loaded_libraries,
     percentile,
+    server_libraries,
     servers,
     summary,
     token_counter,
@@ -193,6 +195,10 @@ def run_suite(
                     bar.update()
         variant_figures = _variants(urls.get("codeserve"), t, variants or {}, plan)
         candidates = _candidates(urls.get("codeserve"), t.name, plan)
+        libraries = {
+            peer: loaded_libraries() if peer == "raw" else server_libraries(urls[peer])
+            for peer in peers
+        }
     bar.close()
     rep = _report(t, peers, plan, res, variant_figures)
     rep["candidates"] = candidates
@@ -201,6 +207,7 @@ def run_suite(
     if "llama-server" in peers:
         rep["llama_server_flags"] = llama_server_args(t)
     rep["client_overhead"] = overhead
+    rep["libraries"] = libraries
     return rep
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from bench import humaneval as he
@@ -107,6 +109,14 @@ def test_quick_bench_writes_its_report(tmp_path):
     assert rep["editor_trace"]["figures"]["codeserve"]["return_ms"]["median"] > 0
     assert rep["round_robin"]["figures"]["codeserve"]["ttft_ms"]["median"] > 0
     assert "| return / warm (issue #13: ≤ 2) |" in md and "round robin" in md
+    # Both ran the installed wheel's llama.cpp, and the report says so (LD_LIBRARY_PATH, set for
+    # another build's sake, would put that build's libraries first).
+    wheel_libs = (Path(llama_cpp.__file__).parent / "lib").resolve()
+    libs = rep["libraries"]
+    assert libs["codeserve"] == libs["raw"]
+    assert {Path(p).name.split(".")[0] for p in libs["raw"]} >= {"libllama", "libggml-cpu"}
+    assert {Path(p).parent.resolve() for p in libs["raw"]} == {wheel_libs}
+    assert f"`{wheel_libs}/`" in md or f"`{Path(libs['raw'][0]).parent}/`" in md
 
 
 def test_client_overhead_is_checked(server):
