@@ -1,12 +1,14 @@
 """A Q4_1 model's logits for a token do not depend on how many tokens were evaluated with it.
 
 codeserve's llama.cpp carries a tiled Q4_1 matmul for AVX2
-(patches/llama-cpp-python-0.3.36/0003-ggml-cpu-q4_1-tiled-matmul.patch) for batches of two tokens
-or more: tiles of up to 4 weight rows by 2 tokens, each output computed with the operations of
-llama.cpp's per-row dot product (which a single token still takes), in the same order. A tile
+(patches/llama-cpp-python-0.3.36/0003-ggml-cpu-q4_1-tiled-matmul.patch): tiles of up to 4 weight
+rows by 2 tokens for batches of two tokens or more, tiles of 4 rows for a single token, each
+output computed with the operations of llama.cpp's per-row dot product, in the same order. A tile
 that summed, scaled or rounded differently, or put an output in another's place, changes some
 token's logits against the same token evaluated alone; so does speculation's verification, which
-the engine's tests hold token for token to plain greedy decoding.
+the engine's tests hold token for token to plain greedy decoding. (That both paths also match
+llama.cpp's unpatched per-row kernel was checked against a build of it: the logits' hashes in
+bench/results/2026-11-24-q4_1-decode-tiles.md.)
 """
 
 from __future__ import annotations
