@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -108,6 +109,9 @@ def cmd_suite(args: argparse.Namespace) -> None:
     if missing:
         raise SystemExit("llama-server not found: pass --llama-server PATH or set LLAMA_SERVER")
     print(f"bench: {t.name} ({t.path.name}), peers {', '.join(peers)}", file=sys.stderr)
+    # A run that is stopped (kill, a timeout) still stops the servers and busy loops it started:
+    # left running, they would load the machine under whatever is measured next.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     rep = run_suite(t, peers, plan, binary, variants)
     out = args.out or (Path(tempfile.gettempdir()) / "codeserve-bench" if args.quick else RESULTS)
     stem = f"{time.strftime('%Y-%m-%d')}-{machine.machine_name()}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -180,6 +181,42 @@ def test_busy_load_starts_and_stops_its_processes():
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the parent's pid, after the state
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_a_stopped_suite_stops_its_servers_and_busy_loops(tmp_path):
+    import os
+    import signal
+
+    cmd = [sys.executable, "-m", "server.cli", "bench", "--quick", "--contend", "1"]
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path)], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # the bar's first round: the server is up, the load running
+            if "round 1" in line:
+                break
+        kids = _children(proc.pid)
+        assert len(kids) >= 2, kids  # codeserve and one busy loop
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        left = [pid for pid in kids if Path(f"/proc/{pid}").exists()]
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in kids:  # whatever the outcome, nothing is left to load the next tests
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not left, left
 
 
 def test_batched_speculation_bench_reports_both_modes(model_path):
