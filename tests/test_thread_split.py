@@ -5,8 +5,9 @@ single token is decoded (patches/llama-cpp-python-0.3.36/0004-ggml-cpu-single-to
 thread.patch for ggml's per-row path, and 0003's Q4_1 kernel): each output is still one row's dot
 product, computed the same way whichever thread takes it. A split that skipped a row, took one
 twice or ran past the matrix leaves some output unset or overwritten, and that token's logits
-then differ between thread counts whose shares end at different rows (2, 3 and 5 threads split
-the default model's 576-, 1,536- and 49,152-row matrices unevenly).
+then differ between thread counts whose shares end at different rows. Five threads split the
+default model's 192-, 576-, 1,536- and 49,152-row matrices unevenly, which also takes Q4_1's
+tiles of 4 rows through their shorter last tile.
 """
 
 from __future__ import annotations
